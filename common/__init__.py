@@ -1,0 +1,1 @@
+"""camfed core: data, models, losses, methods, evaluation and post-processing."""

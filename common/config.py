@@ -1,0 +1,244 @@
+"""The one typed configuration of camfed.
+
+Every default lives here.  The same kebab-case keys are accepted by Flower's
+run config (``flwr run --run-config``) and by ``camfed ... --run-config``; an
+unknown key or a value of the wrong type is a ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+
+class ConfigError(ValueError):
+    """A bad configuration key or value (the message names the key)."""
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "dataset": ("synthetic", "market1501", "msmt17"),
+    "backbone": ("resnet50", "resnet18", "efficientnet_lite0"),
+    "neck_feat": ("before", "after"),
+    "optimizer": ("adam", "sgd"),
+    "distance": ("cosine", "euclidean"),
+    "method": ("fedavg", "fedprox", "pem"),
+    "pem_variant": ("baseline", "pkd", "scm", "pkd+scm", "full"),
+    "pem_partner": ("random", "hard"),
+}
+
+# post-processing steps, applied in the order the user gives (common/postprocess.py)
+POST_STEPS = ("flip", "nfc", "ipg", "rerank")
+
+
+@dataclass
+class Config:
+    """All settings; field ``foo_bar`` is the run-config key ``foo-bar``."""
+
+    # data
+    dataset: str = "synthetic"
+    data_dir: str = ""  # empty + synthetic: generated and cached under cache_dir
+    cache_dir: str = ".cache/camfed"
+    synth_ids: int = 48
+    synth_cameras: int = 4
+    synth_seed: int = 0
+    pose_file: str = ""  # interchange .npz (METHODS.md §3); empty = <data_dir>/poses.npz if present
+    height: int = 256
+    width: int = 128
+    num_instances: int = 4  # K of the P×K sampler
+    batch_size: int = 64  # P×K
+    num_workers: int = 0
+    flip_prob: float = 0.5
+    pad: int = 10
+    random_erasing: float = 0.5
+    # model
+    backbone: str = "resnet50"
+    pretrained: str = "none"  # none | imagenet | path to a state dict
+    last_stride: int = 1
+    neck_feat: str = "after"  # test feature before or after the BNNeck's BN
+    # optimisation (local training of every method, centralized training)
+    optimizer: str = "adam"
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: int = 10
+    lr_steps: str = "40,70"  # epochs (centralized) or rounds (federated) at which lr *= lr_gamma
+    lr_gamma: float = 0.1
+    epochs: int = 120
+    label_smoothing: float = 0.1
+    triplet_margin: float = 0.3
+    triplet_soft_margin: bool = False
+    amp: bool = True  # mixed precision, CUDA only
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 0
+    # evaluation
+    eval_every: int = 10  # epochs (centralized) or rounds (federated)
+    flip_test: bool = False
+    distance: str = "cosine"
+    post: str = ""  # post-processing after training, e.g. "flip,nfc,rerank"
+    # output
+    output_dir: str = "outputs/run"
+    resume: bool = False
+    # federation
+    method: str = "fedavg"
+    num_server_rounds: int = 3
+    local_epochs: int = 1
+    fraction_train: float = 1.0
+    min_train_clients: int = 2
+    min_available_clients: int = 2
+    prox_mu: float = 0.01
+    state_dir: str = ""  # client private state; empty = <output_dir>/client-state
+    # PEM (method = "pem")
+    pem_variant: str = "full"
+    pem_mask: bool = True
+    pem_partner: str = "random"
+    pem_reduction: int = 16
+    pem_expert_epochs: int = 1
+    pem_epochs: int = 1
+    pem_lr: float = 1e-3
+    pem_pose_weight: float = 1.0
+    pem_cycle_weight: float = 1.0
+    pem_synth_weight: float = 1.0
+    pem_min_keypoint_score: float = 0.3
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], base: "Config | None" = None) -> "Config":
+        """Build a config from kebab- or snake-case keys over ``base`` (or defaults)."""
+        known = {f.name: f for f in fields(cls)}
+        updates: dict[str, Any] = {}
+        for key, value in values.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"unknown config key '{key}'")
+            updates[name] = _coerce(key, value, known[name].type)
+        config = dataclasses.replace(base or cls(), **updates)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(
+                    f"config key '{name.replace('_', '-')}' = {getattr(self, name)!r}; expected one of {allowed}"
+                )
+        positive = ("height", "width", "num_instances", "batch_size", "epochs", "num_server_rounds",
+                    "local_epochs", "eval_every", "synth_ids", "synth_cameras", "pem_reduction")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be > 0, got {getattr(self, name)}")
+        if self.batch_size % self.num_instances:
+            raise ConfigError(
+                f"config key 'batch-size' ({self.batch_size}) must be a multiple of 'num-instances' ({self.num_instances})"
+            )
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}")
+        for name in ("flip_prob", "random_erasing", "label_smoothing"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be in [0, 1]")
+        self.lr_step_list  # parses or raises
+        self.post_steps
+
+    # ------------------------------------------------------------ derived views
+    @property
+    def lr_step_list(self) -> list[int]:
+        try:
+            return [int(s) for s in self.lr_steps.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise ConfigError(f"config key 'lr-steps' must be comma-separated integers, got {self.lr_steps!r}") from None
+
+    @property
+    def post_steps(self) -> list[str]:
+        steps = [s for s in self.post.replace(" ", "").split(",") if s]
+        unknown = [s for s in steps if s not in POST_STEPS]
+        if unknown:
+            raise ConfigError(f"config key 'post': unknown step(s) {unknown}; expected some of {POST_STEPS}")
+        return steps
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Kebab-case mapping (the form written to config snapshots)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(key: str, value: Any, type_name: Any) -> Any:
+    kind = {"str": str, "int": int, "float": float, "bool": bool}[str(type_name)]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"config key '{key}' expects {kind.__name__}, got {value!r}")
+
+
+def parse_run_config(text: str) -> dict[str, Any]:
+    """Parse ``--run-config``: a TOML file path, or ``"k=v k=v"`` like ``flwr run``.
+
+    Values are TOML values (strings quoted: ``dataset='market1501'``).
+    """
+    text = text.strip()
+    if not text:
+        return {}
+    path = Path(os.path.expanduser(text))
+    if text.endswith(".toml"):
+        if not path.is_file():
+            raise ConfigError(f"run config file not found: {path}")
+        with path.open("rb") as fh:
+            try:
+                data = tomllib.load(fh)
+            except tomllib.TOMLDecodeError as err:
+                raise ConfigError(f"run config file {path} is not valid TOML: {err}") from None
+        return _flatten(data)
+    try:
+        return _flatten(tomllib.loads("\n".join(_split_pairs(text))))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"cannot parse run config {text!r}: {err}") from None
+
+
+def _split_pairs(text: str) -> list[str]:
+    """Split ``a=1 b='x y'`` on whitespace outside quotes."""
+    pairs, current, quote = [], "", ""
+    for char in text:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char.isspace():
+            if current:
+                pairs.append(current)
+            current = ""
+            continue
+        current += char
+    if current:
+        pairs.append(current)
+    return pairs
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, full + "."))
+        else:
+            flat[full] = value
+    return flat
+
+
+def load_config(run_config: str | Mapping[str, Any] = "", **overrides: Any) -> Config:
+    """Config from a ``--run-config`` string/path or a Flower run-config mapping, plus overrides."""
+    values = parse_run_config(run_config) if isinstance(run_config, str) else dict(run_config)
+    values.update(overrides)
+    return Config.from_mapping(values)

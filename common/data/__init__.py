@@ -1,0 +1,1 @@
+"""Datasets, camera partitions, samplers, transforms and pose files."""

@@ -1,0 +1,55 @@
+"""Training losses: label-smoothed cross-entropy and label-masked batch-hard triplet."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy_smooth(logits: torch.Tensor, labels: torch.Tensor, epsilon: float = 0.1) -> torch.Tensor:
+    """CE with label smoothing: target (1-ε)·onehot + ε/C.  logits (B, C), labels (B,) int64."""
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    num_classes = logits.shape[1]
+    targets = torch.full_like(log_probs, epsilon / num_classes)
+    targets.scatter_(1, labels.unsqueeze(1), 1.0 - epsilon + epsilon / num_classes)
+    return -(targets * log_probs).sum(dim=1).mean()
+
+
+def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Euclidean distances (B, B') between rows of x (B, D) and y (B', D)."""
+    squared = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * x @ y.t()
+    return squared.clamp_min(1e-12).sqrt()
+
+
+def batch_hard_triplet(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    margin: float = 0.3,
+    soft_margin: bool = False,
+    positives: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Batch-hard triplet loss on Euclidean distances, masked by label.
+
+    features: (B, D) anchors; labels: (B,) int.  Any number of images per id works;
+    anchors without a positive or without a negative are skipped.  ``positives``
+    (B, D) are extra positives of each anchor's own row (e.g. pose-swapped
+    features of the same identity) that also compete for the hardest positive.
+    Returns ``max(0, d_ap - d_an + margin)`` or ``softplus(d_ap - d_an)`` averaged.
+    """
+    features = features.float()
+    dist = pairwise_euclidean(features, features)
+    same = labels.unsqueeze(0) == labels.unsqueeze(1)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    pos_mask = same & ~eye
+    neg_mask = ~same
+    hardest_pos = dist.masked_fill(~pos_mask, float("-inf")).max(dim=1).values
+    if positives is not None:
+        extra = (features - positives.float()).pow(2).sum(1).clamp_min(1e-12).sqrt()
+        hardest_pos = torch.maximum(hardest_pos, extra)
+    hardest_neg = dist.masked_fill(~neg_mask, float("inf")).min(dim=1).values
+    valid = torch.isfinite(hardest_pos) & torch.isfinite(hardest_neg)
+    if not valid.any():
+        return features.sum() * 0.0
+    gap = hardest_pos[valid] - hardest_neg[valid]
+    losses = F.softplus(gap) if soft_margin else F.relu(gap + margin)
+    return losses.mean()

@@ -1,0 +1,71 @@
+"""The strong-baseline ReID model: backbone → GAP → f → BNNeck (BN, frozen bias) → f_bn → classifier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from common.config import Config
+from common.models.backbones import build_backbone
+
+
+@dataclass
+class ReIDOutput:
+    """Training outputs: ``feature_map`` (B,C,h,w), ``features`` f (B,C), ``logits`` (B,num_classes)."""
+
+    feature_map: torch.Tensor
+    features: torch.Tensor
+    logits: torch.Tensor | None
+
+
+class ReIDModel(nn.Module):
+    """Backbone + BNNeck (shared by federated clients) + optional classifier (private to a client)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int = 0, neck_feat: str = "after"):
+        super().__init__()
+        self.backbone = backbone
+        self.feat_dim = backbone.out_channels
+        self.bottleneck = nn.BatchNorm1d(self.feat_dim)
+        self.bottleneck.bias.requires_grad_(False)
+        nn.init.ones_(self.bottleneck.weight)
+        nn.init.zeros_(self.bottleneck.bias)
+        self.classifier = self.new_classifier(num_classes) if num_classes else None
+        self.neck_feat = neck_feat
+
+    def new_classifier(self, num_classes: int) -> nn.Linear:
+        classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
+        nn.init.normal_(classifier.weight, std=0.001)
+        return classifier
+
+    def set_num_classes(self, num_classes: int) -> None:
+        """Replace the classifier (e.g. a client's own label space)."""
+        device = self.bottleneck.weight.device
+        self.classifier = self.new_classifier(num_classes).to(device)
+
+    def pool(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """Global average pooling (B,C,h,w) → (B,C)."""
+        return feature_map.mean(dim=(2, 3))
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits (B,num_classes) of pooled features f (B,C) through the BNNeck."""
+        return self.classifier(self.bottleneck(features))
+
+    def forward(self, images: torch.Tensor) -> ReIDOutput | torch.Tensor:
+        """Training: ``ReIDOutput``; eval: test features (B,C), f_bn or f per ``neck_feat`` (not normalised)."""
+        feature_map = self.backbone(images)
+        features = self.pool(feature_map)
+        if not self.training:
+            return self.bottleneck(features) if self.neck_feat == "after" else features
+        logits = self.classify(features) if self.classifier is not None else None
+        return ReIDOutput(feature_map, features, logits)
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """Weights a federated client shares: backbone + BNNeck (the classifier stays private)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("classifier.")}
+
+
+def build_model(config: Config, num_classes: int = 0) -> ReIDModel:
+    backbone = build_backbone(config.backbone, config.pretrained, config.last_stride)
+    return ReIDModel(backbone, num_classes, config.neck_feat)

@@ -1,0 +1,69 @@
+"""Evaluation reports: a metrics table (JSON + markdown) for a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from common.config import Config, ConfigError
+from common.data.loading import load_dataset
+from common.engine import evaluate_model, resolve_device
+from common.models.reid import ReIDModel, build_model
+
+METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
+
+
+def load_checkpoint_model(path: Path, config: Config) -> ReIDModel:
+    """A model with the checkpoint's backbone + BNNeck (a classifier, if any, is ignored)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    weights = state.get("model", state) if isinstance(state, dict) else None
+    if not isinstance(weights, dict):
+        raise ValueError(f"checkpoint {path} holds no model state dict")
+    model = build_model(config)
+    shared = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
+    missing, unexpected = model.load_state_dict(shared, strict=False)
+    if missing or [k for k in unexpected if not k.startswith("pem.")]:
+        raise ConfigError(
+            f"checkpoint {path} does not fit backbone '{config.backbone}': missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]} (set 'backbone' to the one it was trained with)"
+        )
+    return model
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """Rows ``{"step": ..., metric: fraction}`` as a markdown table in percent."""
+    extra = [k for k in rows[0] if k not in METRIC_COLUMNS and k != "step"]
+    header = ["step", *METRIC_COLUMNS, *extra]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [str(row["step"])] + [f"{100 * row[k]:.2f}" for k in METRIC_COLUMNS]
+        cells += [f"{row[k]:.4f}" if isinstance(row[k], float) else str(row[k]) for k in extra]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(rows: list[dict], output_dir: Path, name: str = "evaluation") -> str:
+    """Write ``name.json`` and ``name.md``; returns the markdown table."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    table = markdown_table(rows)
+    (output_dir / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    (output_dir / f"{name}.md").write_text(table + "\n")
+    return table
+
+
+def evaluate_checkpoint(checkpoint: Path, config: Config, post: str | None = None,
+                        output_dir: Path | None = None) -> list[dict]:
+    """Evaluate ``checkpoint`` on the configured test split; print and write the table."""
+    if post:
+        raise ConfigError("--post needs the post-processing pipeline (common/postprocess.py)")
+    device = resolve_device(config.device)
+    model = load_checkpoint_model(checkpoint, config).to(device)
+    dataset = load_dataset(config)
+    rows = [{"step": "baseline", **evaluate_model(model, dataset, config, device)}]
+    table = write_report(rows, output_dir or Path(config.output_dir) / "evaluation")
+    print(table)
+    return rows
