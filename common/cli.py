@@ -49,6 +49,17 @@ def _cmd_train_centralized(args) -> None:
     train_centralized(load_config(args.run_config))
 
 
+def _cmd_pose(args) -> None:
+    from common.pose_extract import extract_poses
+
+    from common.pose_extract import DEFAULT_POSE_MODEL
+
+    table = extract_poses(Path(args.data), Path(args.out), pose_model=args.pose_model or DEFAULT_POSE_MODEL,
+                          device=args.device,
+                          input_size=tuple(args.input_size))
+    print(f"{len(table)} images -> {args.out}")
+
+
 def _cmd_evaluate(args) -> None:
     from common.report import evaluate_checkpoint
 
@@ -82,6 +93,15 @@ def build_parser() -> argparse.ArgumentParser:
     central = sub.add_parser("train-centralized", help="train on all cameras together (upper bound)")
     central.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
     central.set_defaults(func=_cmd_train_centralized)
+
+    pose = sub.add_parser("pose", help="keypoints of every crop with rtmlib's RTMPose (interchange .npz)")
+    pose.add_argument("--data", required=True, help="dataset root (every image under it)")
+    pose.add_argument("--out", required=True, help="output .npz; <out>.partial.npz keeps progress for resuming")
+    pose.add_argument("--pose-model", default=None,
+                      help="RTMPose ONNX: a local path or a URL (default: rtmlib's RTMPose-m body7; needs internet)")
+    pose.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (onnxruntime provider)")
+    pose.add_argument("--input-size", type=int, nargs=2, default=(192, 256), metavar=("W", "H"))
+    pose.set_defaults(func=_cmd_pose)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint, optionally with post-processing")
     evaluate.add_argument("--checkpoint", required=True)

@@ -53,3 +53,48 @@ def batch_hard_triplet(
     gap = hardest_pos[valid] - hardest_neg[valid]
     losses = F.softplus(gap) if soft_margin else F.relu(gap + margin)
     return losses.mean()
+
+
+def pose_distillation_loss(
+    pose_vectors: torch.Tensor,
+    plus_features: torch.Tensor,
+    labels: torch.Tensor,
+    valid: torch.Tensor,
+    use_mask: bool = True,
+) -> torch.Tensor:
+    """PKD: Σ M_ij (S_z − S_F⁺)²_ij / Σ M_ij over cosine-similarity matrices of the batch.
+
+    pose_vectors: (B, P) z_i; plus_features: (B, d) pooled F⁺ ((B, d, h, w) maps are average-pooled);
+    labels: (B,) int; valid: (B,) bool, False for images without a usable pose.
+    M_ij = 0 on same-identity pairs (when ``use_mask``), on pairs involving an invalid pose, and on
+    the diagonal (S_ii = 1 on both sides, so it would only dilute the mean in the no-mask ablation).
+    Returns a scalar; 0 (still attached to the graph) when no pair is left.
+    """
+    if plus_features.dim() == 4:
+        plus_features = plus_features.mean(dim=(2, 3))
+    z = F.normalize(pose_vectors.to(plus_features.device).float(), dim=1)
+    f = F.normalize(plus_features.float(), dim=1)
+    valid = valid.to(labels.device)
+    mask = valid[:, None] & valid[None, :] & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
+    if use_mask:
+        mask &= labels[:, None] != labels[None, :]
+    if not mask.any():
+        return plus_features.sum() * 0.0
+    error = (z @ z.t() - f @ f.t()).pow(2)
+    return error[mask].sum() / mask.sum()
+
+
+def cycle_consistency_loss(pem: torch.nn.Module, features: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """SCM: 1/(2|B|) Σ_i (‖F_i − F_i^rec‖₁ + ‖F_δ(i) − F_δ(i)^rec‖₁), L1 over all elements.
+
+    features: (B, d, h, w) maps (or (B, d) pooled); pem: a ``PoseExtractionModule``; delta: (B,) partners.
+    X_i = F⁻_i + F⁺_δ(i) and Y_i = F⁻_δ(i) + F⁺_i are decoupled again by ``pem`` (attention
+    recomputed on the swapped features); F_i^rec = X_i⁻ + Y_i⁺ and F_δ(i)^rec = Y_i⁻ + X_i⁺.
+    Anchors with δ(i) = i contribute exactly 0 but still count in |B|.
+    """
+    plus, minus = pem.decouple(features)
+    swapped = pem.decouple(torch.cat([minus + plus[delta], minus[delta] + plus]))
+    (x_plus, y_plus), (x_minus, y_minus) = (part.chunk(2) for part in swapped)
+    own = (features - (x_minus + y_plus)).abs().flatten(1).sum(1)
+    partner = (features[delta] - (y_minus + x_plus)).abs().flatten(1).sum(1)
+    return (own + partner).sum() / (2 * len(features))
