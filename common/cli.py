@@ -43,6 +43,13 @@ def _cmd_partition(args) -> None:
     print(partition_table(partition_by_camera(dataset.train)))
 
 
+def _cmd_split_by_camera(args) -> None:
+    from common.deploy import split_by_camera
+
+    for name, folder in split_by_camera(args.root, args.out, args.dataset, args.pose_file).items():
+        print(f"{name}: {folder}")
+
+
 def _cmd_train_centralized(args) -> None:
     from common.centralized import train_centralized
 
@@ -90,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
     part.set_defaults(func=_cmd_partition)
 
+    split = sub.add_parser("split-by-camera", help="one folder per camera (+ server/ test split) for mounting")
+    split.add_argument("--dataset", choices=("market1501", "synthetic", "msmt17"), default="market1501")
+    split.add_argument("--root", required=True, help="dataset root")
+    split.add_argument("--out", required=True, help="output folder (must be empty or absent)")
+    split.add_argument("--pose-file", default="", help="pose file whose rows go with each camera's folder")
+    split.set_defaults(func=_cmd_split_by_camera)
+
     central = sub.add_parser("train-centralized", help="train on all cameras together (upper bound)")
     central.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
     central.set_defaults(func=_cmd_train_centralized)
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"camfed {args.command}: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -19,8 +19,8 @@ from common.evaluation import evaluate_features, extract_features
 from common.losses import batch_hard_triplet, cross_entropy_smooth
 from common.models.reid import ReIDModel, ReIDOutput
 
-# extra loss terms a method adds to CE + triplet: (model, outputs, labels) -> scalar tensor
-ExtraLoss = Callable[[ReIDModel, ReIDOutput, torch.Tensor], torch.Tensor]
+# extra loss term a method adds to CE + triplet: (model, outputs, labels, dataset indices) -> scalar tensor
+ExtraLoss = Callable[[ReIDModel, ReIDOutput, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def resolve_device(setting: str = "auto") -> torch.device:
@@ -75,13 +75,13 @@ def train_epoch(model: ReIDModel, loader, optimizer: torch.optim.Optimizer, conf
     totals: dict[str, float] = {}
     correct = seen = 0
     use_amp = scaler is not None and device.type == "cuda"
-    for images, labels, *_ in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, labels, _camids, indices in tqdm(loader, desc=desc, leave=False, disable=None):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast("cuda") if use_amp else nullcontext():
             outputs = model(images)
             terms = reid_loss(model, outputs, labels, config)
             if extra_loss is not None:
-                terms["extra"] = extra_loss(model, outputs, labels)
+                terms["extra"] = extra_loss(model, outputs, labels, indices)
             loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         if use_amp:

@@ -36,9 +36,10 @@ def load_dataset(config: Config) -> ReIDDataset:
     return read_market1501(root, name=config.dataset)
 
 
-def train_loader(records: list[ImageRecord], labels: dict[int, int], config: Config, seed: int) -> DataLoader:
-    """P×K batches of ``(images, labels, camids, indices)`` with training augmentation."""
-    transform = build_transforms(config.height, config.width, train=True, flip_prob=config.flip_prob,
+def train_loader(records: list[ImageRecord], labels: dict[int, int], config: Config, seed: int,
+                 augment: bool = True) -> DataLoader:
+    """P×K batches of ``(images, labels, camids, indices)``, with training augmentation unless ``augment=False``."""
+    transform = build_transforms(config.height, config.width, train=augment, flip_prob=config.flip_prob,
                                  pad=config.pad, random_erasing=config.random_erasing)
     sampler = PKSampler([r.pid for r in records], config.batch_size, config.num_instances, seed=seed)
     return DataLoader(ImageDataset(records, transform, labels), batch_size=min(config.batch_size, len(sampler)),

@@ -1,0 +1,187 @@
+"""PEM: pose-enriched federated-by-camera training (METHODS.md §2).
+
+Per round on camera c:
+  1. the local expert φᵉ_c (kept on the client across rounds) trains on D_c with CE + triplet;
+  2. the PEM π_c trains on feature maps of the frozen expert — and, with CR, of the frozen
+     local-global model (= the global ψ at the start of the round) — with L_pose (PKD) + L_cyc (SCM);
+  3. the local-global model φᵍ_c (ψ + the camera's private classifier) trains with CE + triplet on
+     real features plus pose-swapped positives F⁻_i + F⁺_δ(i) made by the (now frozen) PEM.
+Backbone + BNNeck + PEM are shared (the server averages them); classifiers and the expert stay private.
+
+Variants (config ``pem-variant``): ``baseline`` (stage 3 without swapped features: FedAvg),
+``pkd`` / ``scm`` (PEM trained with one loss, expert features only), ``pkd+scm`` (both, no CR),
+``full`` (both + CR).  ``pem-mask=false`` drops PKD's same-identity mask; ``pem-partner='hard'``
+swaps with the most dissimilar pose instead of a random other identity.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from common.config import Config, ConfigError
+from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
+from common.data.loading import train_loader
+from common.engine import ExtraLoss, make_optimizer, set_lr, train_epoch
+from common.losses import batch_hard_triplet, cross_entropy_smooth, cycle_consistency_loss, pose_distillation_loss
+from common.methods import register
+from common.methods.base import LocalJob
+from common.methods.fedavg import FedAvg
+from common.models.pem import PoseExtractionModule, swap_partners
+from common.models.reid import ReIDModel, ReIDOutput, build_model
+
+USES_PKD = {"pkd", "pkd+scm", "full"}
+USES_SCM = {"scm", "pkd+scm", "full"}
+
+
+class PoseVectors:
+    """Pose vectors of one camera's records: ``vectors`` (N, 34) float32, ``valid`` (N,) bool."""
+
+    _cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def for_job(cls, job: LocalJob) -> tuple[torch.Tensor, torch.Tensor]:
+        path = pose_file(job.config, job.data_root)
+        key = (str(path), job.partition.camid)
+        if key not in cls._cache:
+            records = job.partition.records
+            root = job.data_root
+            relative = [Path(r.path).relative_to(root).as_posix() if root else Path(r.path).name for r in records]
+            vectors, valid = dataset_pose_vectors(load_pose_file(path), relative, read_image_sizes(
+                [r.path for r in records]), source=str(path), min_score=job.config.pem_min_keypoint_score)
+            cls._cache[key] = (torch.from_numpy(vectors), torch.from_numpy(valid))
+        return cls._cache[key]
+
+
+def pose_file(config: Config, data_root: Path | None) -> Path:
+    """The configured pose file, else ``<data root>/poses.npz``; missing is an error naming 'pose-file'."""
+    path = Path(config.pose_file) if config.pose_file else (data_root / "poses.npz" if data_root else None)
+    if path is None or not path.is_file():
+        raise ConfigError(
+            f"config key 'pose-file': no pose file at {path} (method 'pem' with variant "
+            f"'{config.pem_variant}' needs pose vectors; make one with `camfed pose`)"
+        )
+    return path
+
+
+def needs_poses(config: Config) -> bool:
+    return config.pem_variant in USES_PKD or config.pem_partner == "hard"
+
+
+@register("pem")
+class PEM(FedAvg):
+    """FedAvg's local round (stage 3) preceded by the expert (stage 1) and PEM (stage 2) stages."""
+
+    def shared_model(self, config: Config) -> nn.Module:
+        model = build_model(config)
+        if config.pem_variant != "baseline":
+            model.pem = PoseExtractionModule(model.feat_dim, config.pem_reduction)
+        return model
+
+    def prepare(self, job: LocalJob, model: ReIDModel) -> tuple[dict, dict[str, float]]:
+        """Stages 1 and 2; the expert is returned as private state."""
+        if job.config.pem_variant == "baseline":
+            return {}, {}
+        self._poses = PoseVectors.for_job(job) if needs_poses(job.config) else None
+        self._generator = torch.Generator(device=job.device).manual_seed(job.seed)
+        expert = self._train_expert(job)
+        metrics = self._train_pem(job, model, expert)
+        model.pem.requires_grad_(False)  # stage 3 trains the local-global model only
+        return {"expert": {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}}, metrics
+
+    def extra_loss(self, job: LocalJob, model: ReIDModel) -> ExtraLoss | None:
+        """Stage 3: pose-swapped positives from the frozen PEM."""
+        if job.config.pem_variant == "baseline":
+            return None
+        return SwapPositives(model.pem, job.config, self._poses, self._generator)
+
+    def _train_expert(self, job: LocalJob) -> ReIDModel:
+        """Stage 1: the camera's expert, restored from private state (or ψ on its first round), trained on D_c."""
+        config = job.config
+        expert = build_model(config, num_classes=job.partition.num_ids)
+        if "expert" in job.private:
+            expert.load_state_dict(job.private["expert"])
+        else:
+            expert.load_state_dict({k: v for k, v in job.shared.items() if not k.startswith("pem.")}, strict=False)
+        expert.to(job.device)
+        optimizer = make_optimizer(expert.parameters(), config)
+        set_lr(optimizer, job.lr)
+        loader = train_loader(job.partition.records, job.partition.labels, config, seed=job.seed + 1)
+        for epoch in range(config.pem_expert_epochs):
+            loader.sampler.set_epoch(epoch)
+            train_epoch(expert, loader, optimizer, config, job.device, desc=f"camera {job.partition.camid} expert")
+        return expert.eval()
+
+    def _train_pem(self, job: LocalJob, model: ReIDModel, expert: ReIDModel) -> dict[str, float]:
+        """Stage 2: PEM on frozen, un-augmented feature maps of the expert (+ the local-global model with CR)."""
+        config, device = job.config, job.device
+        pem = model.pem.train()
+        optimizer = torch.optim.SGD(pem.parameters(), lr=config.pem_lr, momentum=config.momentum)
+        networks = [expert] + ([model] if config.pem_variant == "full" else [])
+        model.eval()
+        loader = train_loader(job.partition.records, job.partition.labels, config, seed=job.seed + 2, augment=False)
+        totals, steps = {"pem_pose": 0.0, "pem_cycle": 0.0}, 0
+        for epoch in range(config.pem_epochs):
+            loader.sampler.set_epoch(epoch)
+            for images, labels, _, indices in loader:
+                images, labels = images.to(device), labels.to(device)
+                with torch.no_grad():
+                    maps = [net.backbone(images) for net in networks]
+                z, valid = batch_poses(self._poses, indices, device)
+                terms = [pem_losses(pem, f, labels, z, valid, config, self._generator) for f in maps]
+                loss = sum(t["pose"] + t["cycle"] for t in terms)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                totals["pem_pose"] += sum(t["pose"].item() for t in terms)
+                totals["pem_cycle"] += sum(t["cycle"].item() for t in terms)
+                steps += 1
+        model.train()
+        return {k: v / max(steps, 1) for k, v in totals.items()}
+
+
+def batch_poses(poses, indices: torch.Tensor, device: torch.device):
+    """Pose vectors (B, 34) and validity (B,) of a batch's dataset ``indices`` (``None, None`` without poses)."""
+    if poses is None:
+        return None, None
+    return poses[0][indices].to(device), poses[1][indices].to(device)
+
+
+def pem_losses(pem: PoseExtractionModule, features: torch.Tensor, labels: torch.Tensor, z, valid,
+               config: Config, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Weighted L_pose and L_cyc of the configured variant on feature maps (B, d, h, w).
+
+    L_cyc is the paper's per-sample L1 divided by the number of elements of one map (d·h·w), so that
+    both terms have comparable scale at any backbone and input size.
+    """
+    zero = features.sum() * 0.0
+    pose = cycle = zero
+    if config.pem_variant in USES_PKD:
+        plus, _ = pem.decouple(features)
+        pose = config.pem_pose_weight * pose_distillation_loss(z, plus, labels, valid, use_mask=config.pem_mask)
+    if config.pem_variant in USES_SCM:
+        delta = swap_partners(labels, z, config.pem_partner == "hard", generator, valid)
+        cycle = config.pem_cycle_weight * cycle_consistency_loss(pem, features, delta) / features[0].numel()
+    return {"pose": pose, "cycle": cycle}
+
+
+class SwapPositives:
+    """Extra stage-3 loss: CE and triplet with pose-swapped positives F⁻_i + F⁺_δ(i) (PEM frozen)."""
+
+    def __init__(self, pem: PoseExtractionModule, config: Config, poses, generator: torch.Generator):
+        self.pem, self.config, self.poses, self.generator = pem, config, poses, generator
+
+    def __call__(self, model: ReIDModel, outputs: ReIDOutput, labels: torch.Tensor,
+                 indices: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        z, valid = batch_poses(self.poses, indices, labels.device)
+        swap = self.pem.swap(outputs.feature_map, labels, z, config.pem_partner == "hard", self.generator, valid)
+        swapped = model.pool(swap.features)
+        if not swap.paired.any():
+            return swapped.sum() * 0.0
+        ce = cross_entropy_smooth(model.classify(swapped[swap.paired]), labels[swap.paired], config.label_smoothing)
+        tri = batch_hard_triplet(outputs.features, labels, config.triplet_margin, config.triplet_soft_margin,
+                                 positives=swapped)
+        return config.pem_synth_weight * (ce + tri)
