@@ -5,7 +5,7 @@ Each federated run goes through the real ServerApp/ClientApp code paths on an in
 
 Usage:
   python benchmarks/run_experiments.py --name synthetic --run-config "dataset='synthetic' ..." \
-      --runs fedavg,pem-full,pem-pkd --rounds 10 --out outputs/experiments
+      --runs fedavg,pem-full,pem-pkd,centralized --rounds 10 --out outputs/experiments
 Writes OUT/NAME/<run>/metrics.jsonl (per run) and OUT/NAME/summary.{json,md}; prints one JSON line per run.
 """
 
@@ -63,9 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--name", required=True)
     parser.add_argument("--run-config", default="")
-    parser.add_argument("--runs", default="fedavg,pem-full")
+    parser.add_argument("--runs", default="fedavg,pem-full,centralized",
+                        help=f"comma-separated, in order: centralized, {', '.join(RUNS)}")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--centralized-epochs", type=int, default=0, help="also train the upper bound")
+    parser.add_argument("--centralized-epochs", type=int, default=0, help="epochs of 'centralized' (default: rounds)")
     parser.add_argument("--out", default="outputs/experiments")
     args = parser.parse_args()
     base = {**parse_run_config(args.run_config), "num-server-rounds": args.rounds, "eval-every": args.rounds}
@@ -73,15 +74,15 @@ def main() -> None:
     summary_path = root / "summary.json"
     rows = json.loads(summary_path.read_text()) if summary_path.is_file() else []
     names = [n for n in args.runs.split(",") if n]
-    unknown = [n for n in names if n not in RUNS]
+    unknown = [n for n in names if n not in RUNS and n != "centralized"]
     if unknown:
-        raise SystemExit(f"unknown run(s) {unknown}; known: {sorted(RUNS)}")
-    jobs = [(n, lambda n=n: run_federated(base, RUNS[n], root / n)) for n in names]
-    if args.centralized_epochs:
-        jobs.append(("centralized", lambda: run_centralized(base, args.centralized_epochs, root / "centralized")))
-    for name, job in jobs:
+        raise SystemExit(f"unknown run(s) {unknown}; known: centralized, {sorted(RUNS)}")
+    for name in names:
         began = time.perf_counter()
-        result = job()
+        if name == "centralized":
+            result = run_centralized(base, args.centralized_epochs or args.rounds, root / name)
+        else:
+            result = run_federated(base, RUNS[name], root / name)
         row = {"run": name, **{k: result[k] for k in ("mAP", "rank1", "rank5", "rank10", "mINP")},
                "seconds": time.perf_counter() - began}
         rows = [r for r in rows if r["run"] != name] + [row]

@@ -31,7 +31,7 @@ def _print_partition(root: Path) -> None:
 def _cmd_split_dev(args) -> None:
     from common.data.market_dev import split_market_dev
 
-    root = split_market_dev(args.tar, args.out, seed=args.seed)
+    root = split_market_dev(args.tar, args.out, test_fraction=args.test_fraction, seed=args.seed)
     _print_partition(root)
 
 
@@ -68,7 +68,7 @@ def _cmd_pose(args) -> None:
 
 
 def _cmd_evaluate(args) -> None:
-    from common.report import evaluate_checkpoint
+    from common.pipeline import evaluate_checkpoint
 
     evaluate_checkpoint(Path(args.checkpoint), load_config(args.run_config), post=args.post,
                         output_dir=Path(args.output) if args.output else None)
@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--tar", default="../shared/data/market1501-train-dev.tar")
     dev.add_argument("--out", required=True)
     dev.add_argument("--seed", type=int, default=0)
+    dev.add_argument("--test-fraction", type=float, default=0.5, help="share of identities in query/gallery")
     dev.set_defaults(func=_cmd_split_dev)
 
     part = sub.add_parser("partition", help="print images and ids per camera (one federated client each)")

@@ -83,7 +83,14 @@ class Config:
     eval_every: int = 10  # epochs (centralized) or rounds (federated)
     flip_test: bool = False
     distance: str = "cosine"
-    post: str = ""  # post-processing after training, e.g. "flip,nfc,rerank"
+    post: str = ""  # post-processing steps in order, e.g. "flip,nfc,rerank" (common/pipeline.py)
+    nfc_k1: int = 2
+    nfc_k2: int = 2
+    ipg_features: str = ""  # .npz/.pt with `files` (generated-image names) and `features` for the 'ipg' step
+    ipg_eta: float = 2.0
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3
     # output
     output_dir: str = "outputs/run"
     resume: bool = False

@@ -1,4 +1,4 @@
-"""Evaluation reports: a metrics table (JSON + markdown) for a checkpoint."""
+"""Evaluation reports: loading a checkpoint's model, metrics tables as JSON + markdown."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from pathlib import Path
 import torch
 
 from common.config import Config, ConfigError
-from common.data.loading import load_dataset
-from common.engine import evaluate_model, resolve_device
 from common.models.reid import ReIDModel, build_model
 
 METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
@@ -53,17 +51,3 @@ def write_report(rows: list[dict], output_dir: Path, name: str = "evaluation") -
     (output_dir / f"{name}.json").write_text(json.dumps(rows, indent=2))
     (output_dir / f"{name}.md").write_text(table + "\n")
     return table
-
-
-def evaluate_checkpoint(checkpoint: Path, config: Config, post: str | None = None,
-                        output_dir: Path | None = None) -> list[dict]:
-    """Evaluate ``checkpoint`` on the configured test split; print and write the table."""
-    if post:
-        raise ConfigError("--post needs the post-processing pipeline (common/postprocess.py)")
-    device = resolve_device(config.device)
-    model = load_checkpoint_model(checkpoint, config).to(device)
-    dataset = load_dataset(config)
-    rows = [{"step": "baseline", **evaluate_model(model, dataset, config, device)}]
-    table = write_report(rows, output_dir or Path(config.output_dir) / "evaluation")
-    print(table)
-    return rows
