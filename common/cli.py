@@ -50,6 +50,12 @@ def _cmd_split_by_camera(args) -> None:
         print(f"{name}: {folder}")
 
 
+def _cmd_federate(args) -> int:
+    from common.federated.launch import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_train_centralized(args) -> None:
     from common.centralized import train_centralized
 
@@ -70,7 +76,7 @@ def _cmd_pose(args) -> None:
 def _cmd_evaluate(args) -> None:
     from common.pipeline import evaluate_checkpoint
 
-    evaluate_checkpoint(Path(args.checkpoint), load_config(args.run_config), post=args.post,
+    evaluate_checkpoint(Path(args.checkpoint) if args.checkpoint else None, load_config(args.run_config), post=args.post,
                         output_dir=Path(args.output) if args.output else None)
 
 
@@ -105,6 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--pose-file", default="", help="pose file whose rows go with each camera's folder")
     split.set_defaults(func=_cmd_split_by_camera)
 
+    federate = sub.add_parser("federate", help="run the Flower app in a local simulation, one client per camera")
+    from common.federated.launch import add_arguments
+
+    add_arguments(federate)
+    federate.set_defaults(func=_cmd_federate)
+
     central = sub.add_parser("train-centralized", help="train on all cameras together (upper bound)")
     central.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
     central.set_defaults(func=_cmd_train_centralized)
@@ -119,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     pose.set_defaults(func=_cmd_pose)
 
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint, optionally with post-processing")
-    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--checkpoint", default="",
+                          help="a camfed checkpoint (default: the config's model untrained, e.g. pretrained='imagenet')")
     evaluate.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
     evaluate.add_argument("--post", default=None, help="comma-separated steps in order: flip,nfc,ipg,rerank")
     evaluate.add_argument("--output", default="", help="report folder (default: <output-dir>/evaluation)")
@@ -130,11 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        return args.func(args) or 0
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, TimeoutError) as err:
         print(f"camfed {args.command}: error: {err}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

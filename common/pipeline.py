@@ -26,6 +26,7 @@ from common.data.records import ReIDDataset
 from common.engine import resolve_device, summarize
 from common.evaluation import compute_distance, evaluate_features, evaluate_rank, extract_features
 from common.postprocess import aggregate_generated, flip_average, id2, k_reciprocal_rerank, load_generated_features, nfc
+from common.models.reid import build_model
 from common.report import load_checkpoint_model, write_report
 
 
@@ -111,15 +112,16 @@ def run_pipeline(model: nn.Module, dataset: ReIDDataset, config: Config, steps: 
     return rows
 
 
-def evaluate_checkpoint(checkpoint: Path, config: Config, post: str | None = None,
+def evaluate_checkpoint(checkpoint: Path | None, config: Config, post: str | None = None,
                         output_dir: Path | None = None) -> list[dict]:
-    """``camfed evaluate``: the checkpoint's model on the configured test split, then the ``post`` steps
+    """``camfed evaluate``: the checkpoint's model (``None``: the config's model as built, e.g. ImageNet
+    weights with ``pretrained='imagenet'``) on the configured test split, then the ``post`` steps
     (``None``: the config's ``post``).  Prints the table; writes it and the plots to ``output_dir``
     (default ``<output-dir>/evaluation``)."""
     if post is not None:
         config = Config.from_mapping({"post": post}, base=config)
     device = resolve_device(config.device)
-    model = load_checkpoint_model(checkpoint, config).to(device)
+    model = (load_checkpoint_model(checkpoint, config) if checkpoint else build_model(config)).to(device)
     return run_pipeline(model, load_dataset(config), config, config.post_steps, device,
                         output_dir or Path(config.output_dir) / "evaluation")
 

@@ -72,3 +72,17 @@ def test_top_matches_skip_same_camera_same_id():
     ranked = top_matches(q, g, np.array([0, 1]), None, "cosine", 2)
     assert 0 not in ranked[0]  # gallery 0 has query 0's id and camera
     assert ranked[1][0] == 1  # identical feature (distance 0)
+
+
+def test_federation_runs_the_pipeline_on_its_final_model(tiny_run_config):
+    from pathlib import Path
+
+    from client.app import app as client_app
+    from common.federated.inprocess import InProcessGrid
+    from common.federated.server import run_federation
+
+    config = load_config({**tiny_run_config, "num-server-rounds": 1, "post": "flip,nfc"})
+    evaluations = run_federation(InProcessGrid(client_app, 3, config.to_run_config()), config)
+    rows = json.loads((Path(config.output_dir) / "post" / "evaluation.json").read_text())
+    assert [r["step"] for r in rows] == ["baseline", "flip", "flip+nfc"]
+    assert rows[0]["mAP"] == pytest.approx(evaluations[-1]["mAP"], abs=1e-6)  # same final global model

@@ -1,0 +1,83 @@
+"""PEM vs FedAvg: local-round wall time as a ratio (same process, same camera, rounds alternating), and the
+parameters / bytes a client sends and receives per round.
+
+Usage: python benchmarks/bench_pem.py [--backbone resnet18] [--height 64 --width 32] [--repeats 2]
+Prints one JSON object per case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+from common.config import load_config
+from common.data.loading import load_dataset
+from common.data.partition import partition_by_camera
+from common.engine import resolve_device
+from common.federated.arrays import state_to_arrays
+from common.methods import get_method
+from common.methods.base import LocalJob
+
+
+def alternating_round_seconds(settings: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of one camera's local round for FedAvg and PEM, run alternately (round 1 of each excluded:
+    it includes one-off work such as pose vectors and the first expert)."""
+    runs = {}
+    for name in ("fedavg", "pem"):
+        config = load_config({**settings, "method": name})
+        dataset = load_dataset(config)
+        method = get_method(name)
+        runs[name] = {"config": config, "method": method, "root": dataset.root, "private": {},
+                      "partition": partition_by_camera(dataset.train)[0],
+                      "shared": method.initial_shared_state(config), "times": []}
+    for server_round in range(1, repeats + 2):
+        for run in runs.values():
+            config = run["config"]
+            job = LocalJob(config=config, partition=run["partition"], shared=run["shared"], private=run["private"],
+                           server_round=server_round, lr=config.lr, seed=server_round,
+                           device=resolve_device(config.device), data_root=run["root"])
+            began = time.perf_counter()
+            run["private"] = run["method"].local_round(job).private
+            if server_round > 1:
+                run["times"].append(time.perf_counter() - began)
+    return {name: run["times"] for name, run in runs.items()}
+
+
+def communication(method_name: str, backbone: str) -> dict:
+    config = load_config({"backbone": backbone, "method": method_name})
+    shared = get_method(method_name).initial_shared_state(config)
+    params = sum(v.numel() for v in shared.values() if v.is_floating_point())
+    pem = sum(v.numel() for k, v in shared.items() if k.startswith("pem."))
+    return {"case": "communication", "method": method_name, "backbone": backbone,
+            "shared_parameters": params, "pem_parameters": pem, "up_plus_down_parameters": 2 * params,
+            "bytes_per_direction": state_to_arrays(shared).count_bytes()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--height", type=int, default=64)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+    for method_name in ("fedavg", "pem"):
+        print(json.dumps(communication(method_name, "resnet50")), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = {"backbone": args.backbone, "height": args.height, "width": args.width, "pad": 4,
+                    "batch-size": 32, "warmup-epochs": 0, "lr-steps": "", "device": "cpu",
+                    "cache-dir": f"{tmp}/cache", "output-dir": f"{tmp}/out"}
+        times = alternating_round_seconds(settings, args.repeats)
+        fedavg, pem = times["fedavg"], times["pem"]
+    print(json.dumps({"case": "local_round", "backbone": args.backbone, "input": f"{args.height}x{args.width}",
+                      "threads": torch.get_num_threads(), "fedavg_s": [round(t, 2) for t in fedavg],
+                      "pem_s": [round(t, 2) for t in pem],
+                      "pem_over_fedavg": round(statistics.median(pem) / statistics.median(fedavg), 2)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

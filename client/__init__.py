@@ -1,0 +1,1 @@
+"""camfed's Flower ClientApp (``client.app:app``): one camera per SuperNode."""

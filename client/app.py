@@ -1,0 +1,13 @@
+"""Flower ClientApp: a ``train`` message runs this node's camera through ``common.federated.client.train``."""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from common.federated import client
+
+app = ClientApp()
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    return client.train(message, context)

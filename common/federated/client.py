@@ -1,0 +1,80 @@
+"""The ClientApp's work: one camera's local round.
+
+Everything in the reply is checked here before it leaves the node: the shared weights must have
+exactly the keys, shapes and dtypes of the global weights that arrived, and metrics are scalars.
+The classifier and any other private state go to the camera's state directory instead.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+
+from common.config import Config, ConfigError, load_config
+from common.engine import resolve_device
+from common.federated.arrays import arrays_to_state, conformity_error, signature, state_to_arrays
+from common.federated.data import camera_partition, load_node_dataset, with_absolute_paths
+from common.federated.state import PrivateStateStore, state_dir
+from common.methods import LocalJob, get_method
+
+ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # record names in messages
+NODE_KEYS = ("partition-id", "num-partitions")
+
+
+def node_settings(node_config: Mapping[str, Any]) -> tuple[int, int, dict[str, Any]]:
+    """(partition-id, num-partitions, config overrides) from a SuperNode's node config.
+
+    Other node-config keys are camfed config keys valid on this node only, e.g.
+    ``device='cuda:1'``, ``data-dir='/data/market'`` or ``state-dir``.
+    """
+    missing = [k for k in NODE_KEYS if k not in node_config]
+    if missing:
+        raise ConfigError(f"node config lacks {missing}: start the SuperNode with "
+                          "--node-config \"partition-id=<i> num-partitions=<n>\"")
+    overrides = {k: v for k, v in node_config.items() if k not in NODE_KEYS}
+    return int(node_config["partition-id"]), int(node_config["num-partitions"]), overrides
+
+
+def node_config_for(context: Context) -> tuple[Config, int, int]:
+    """(config = run config + this node's overrides with absolute paths, partition-id, num-partitions)."""
+    partition_id, num_partitions, overrides = node_settings(context.node_config)
+    try:
+        config = load_config({**context.run_config, **overrides})
+    except ConfigError as err:
+        raise ConfigError(f"{err} (run config + node config {sorted(overrides)})") from None
+    return with_absolute_paths(config), partition_id, num_partitions
+
+
+def round_seed(seed: int, server_round: int, camid: int) -> int:
+    """A 31-bit seed that depends only on (seed, round, camera)."""
+    return int(np.random.SeedSequence([seed, server_round, camid]).generate_state(1)[0]) & 0x7FFFFFFF
+
+
+def train(message: Message, context: Context) -> Message:
+    """Handle a ``train`` message: local round of this node's camera; reply shared weights + scalars."""
+    config, partition_id, num_partitions = node_config_for(context)
+    round_config: ConfigRecord = message.content[CONFIG]
+    server_round, run_tag = int(round_config["server-round"]), str(round_config["run-tag"])
+    dataset = load_node_dataset(config)
+    partition = camera_partition(dataset, partition_id, num_partitions)
+    store = PrivateStateStore(state_dir(config, partition.camid))
+    shared_in = arrays_to_state(message.content[ARRAYS])
+    job = LocalJob(config=config, partition=partition, shared=shared_in,
+                   private=store.load(run_tag, before_round=server_round), server_round=server_round,
+                   lr=float(round_config["lr"]), seed=round_seed(config.seed, server_round, partition.camid),
+                   device=resolve_device(config.device), data_root=dataset.root)
+    began = time.monotonic()
+    result = get_method(config.method).local_round(job)
+    local_seconds = time.monotonic() - began
+    problem = conformity_error(result.shared, signature(shared_in))
+    if problem:
+        raise RuntimeError(f"method '{config.method}' returned shared weights that differ from the global ones: "
+                           f"{problem}; nothing was sent")
+    store.save(result.private, run_tag, server_round)
+    metrics = MetricRecord({**{k: float(v) for k, v in result.metrics.items()},
+                            "local-seconds": local_seconds, "num-examples": int(result.num_examples),
+                            "camera": int(partition.camid)})
+    return Message(RecordDict({ARRAYS: state_to_arrays(result.shared), METRICS: metrics}), reply_to=message)

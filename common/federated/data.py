@@ -1,0 +1,67 @@
+"""Data on a federated node: the dataset (generated once per machine when synthetic) and a camera's partition."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator
+
+from common.config import Config, ConfigError
+from common.data.loading import load_dataset
+from common.data.partition import CameraPartition, partition_by_camera
+from common.data.records import ReIDDataset
+
+
+def with_absolute_paths(config: Config) -> Config:
+    """``config`` with data-dir, cache-dir, output-dir and state-dir made absolute (against the cwd)."""
+    keys = ("data_dir", "cache_dir", "output_dir", "state_dir")
+    return dataclasses.replace(config, **{k: str(Path(getattr(config, k)).expanduser().absolute())
+                                          for k in keys if getattr(config, k)})
+
+
+@contextmanager
+def cache_lock(cache_dir: str) -> Iterator[None]:
+    """Exclusive lock on ``<cache-dir>/.lock``: processes generating the synthetic data queue up."""
+    path = Path(cache_dir).expanduser().absolute() / ".lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def load_node_dataset(config: Config) -> ReIDDataset:
+    """``load_dataset`` under the cache lock when the data is generated, so concurrent clients build it once."""
+    config = with_absolute_paths(config)
+    return _load_cached(config.dataset, config.data_dir, config.cache_dir, config.synth_ids,
+                        config.synth_cameras, config.synth_seed)
+
+
+@lru_cache(maxsize=4)
+def _load_cached(dataset: str, data_dir: str, cache_dir: str, synth_ids: int, synth_cameras: int,
+                 synth_seed: int) -> ReIDDataset:
+    config = Config(dataset=dataset, data_dir=data_dir, cache_dir=cache_dir, synth_ids=synth_ids,
+                    synth_cameras=synth_cameras, synth_seed=synth_seed)
+    if dataset == "synthetic" and not data_dir:
+        with cache_lock(cache_dir):
+            return load_dataset(config)
+    return load_dataset(config)
+
+
+def camera_partition(dataset: ReIDDataset, partition_id: int, num_partitions: int) -> CameraPartition:
+    """Client ``partition_id`` (0-based) holds the training images of the ``partition_id``-th camera (sorted)."""
+    partitions = partition_by_camera(dataset.train)
+    if num_partitions != len(partitions):
+        raise ConfigError(
+            f"node config 'num-partitions' = {num_partitions}, but dataset '{dataset.name}' at {dataset.root} has "
+            f"{len(partitions)} training cameras: run one SuperNode per camera "
+            f"(simulation: num-supernodes = {len(partitions)})"
+        )
+    if not 0 <= partition_id < num_partitions:
+        raise ConfigError(f"node config 'partition-id' = {partition_id} is outside 0..{num_partitions - 1}")
+    return partitions[partition_id]

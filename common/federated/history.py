@@ -1,0 +1,57 @@
+"""Run history files in the output folder: ``metrics.jsonl`` (evaluations), ``rounds.jsonl`` (every round), plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+METRICS_FILE, ROUNDS_FILE, PLOT_FILE = "metrics.jsonl", "rounds.jsonl", "metrics.png"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Records of a JSON-lines file (``[]`` if missing); a torn last line (crash mid-write) is dropped."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+def keep_rounds_up_to(path: Path, last_round: int) -> None:
+    """Rewrite ``path`` without records of rounds after ``last_round`` (a resumed run redoes them)."""
+    kept = [r for r in read_jsonl(path) if r.get("round", 0) <= last_round]
+    if path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(path)
+
+
+def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
+    """PNG of mAP and rank-1 (%) per round from ``metrics.jsonl``; None when there is nothing to plot."""
+    records = read_jsonl(metrics_path)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r["round"] for r in records]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("mAP", "mAP"), ("rank1", "rank-1")):
+        ax.plot(rounds, [100 * r[key] for r in records], marker="o", label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("%")
+    ax.set_title("global model on the test split")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return out_path

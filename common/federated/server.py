@@ -1,0 +1,140 @@
+"""The ServerApp's work: rounds of federated training with evaluation, checkpoints and resume.
+
+Per round: sample cameras → send the global shared weights and the round config (server-round, lr,
+run-tag) → average the replies (``CameraFedAvg``) → append ``rounds.jsonl`` → every ``eval-every``
+rounds and at the last one evaluate the global model on the test split (``metrics.jsonl``, plot)
+→ checkpoint ``{"round", "model", "config", "method", "run-tag"}`` atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from common.config import Config, ConfigError
+from common.data.records import ReIDDataset
+from common.engine import (append_jsonl, atomic_save, evaluate_model, learning_rate, resolve_device,
+                           write_config_snapshot)
+from common.federated.arrays import StateDict, arrays_to_state, conformity_error, signature, state_to_arrays
+from common.federated.client import ARRAYS
+from common.federated.data import load_node_dataset, with_absolute_paths
+from common.federated.history import METRICS_FILE, PLOT_FILE, ROUNDS_FILE, keep_rounds_up_to, plot_metrics
+from common.federated.strategy import CameraFedAvg
+from common.methods import Method, get_method
+
+LOG = logging.getLogger("flwr.camfed")
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_federated_checkpoint(path: Path, method: Method) -> dict:
+    """A checkpoint written by ``run_federation``; its method must be ``method``."""
+    if not path.is_file():
+        raise FileNotFoundError(f"resume = true but there is no checkpoint at {path}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("method") != method.name:
+        raise ConfigError(f"config key 'method' = {method.name!r}, but {path} was trained with {state.get('method')!r}")
+    return state
+
+
+class GlobalEvaluator:
+    """Evaluates shared weights on the test split (dataset loaded on first use)."""
+
+    def __init__(self, method: Method, config: Config):
+        self.method, self.config = method, config
+        self.device = resolve_device(config.device)
+        self._dataset: ReIDDataset | None = None
+
+    def __call__(self, shared: StateDict) -> dict[str, float]:
+        if self._dataset is None:
+            self._dataset = load_node_dataset(self.config)
+        model = self.method.global_model(self.config, shared).to(self.device)
+        return evaluate_model(model, self._dataset, self.config, self.device)
+
+    def post_process(self, shared: StateDict, output_dir: Path) -> list[dict]:
+        """The ``post`` pipeline (flip, NFC, re-ranking, ...) on the final global model; report in ``output_dir``."""
+        from common.pipeline import run_pipeline
+
+        if self._dataset is None:
+            self._dataset = load_node_dataset(self.config)
+        model = self.method.global_model(self.config, shared).to(self.device)
+        return run_pipeline(model, self._dataset, self.config, self.config.post_steps, self.device, output_dir)
+
+
+def run_federation(grid: Grid, config: Config, timeout: float | None = None) -> list[dict]:
+    """Train for ``num-server-rounds`` (continuing from the checkpoint when ``resume``); returns the
+    evaluation records written by this call.  ``timeout``: seconds to wait for a round's replies
+    (None: until every sampled node replied or was declared unavailable by the SuperLink)."""
+    config = with_absolute_paths(config)
+    method = get_method(config.method)
+    out = Path(config.output_dir)
+    shared, start, run_tag = _starting_point(config, method, out)
+    write_config_snapshot(config, out)
+    strategy = CameraFedAvg(config, shared)
+    evaluate = GlobalEvaluator(method, config)
+    arrays, evaluations = state_to_arrays(shared), []
+    for server_round in range(start + 1, config.num_server_rounds + 1):
+        arrays, record = _train_round(grid, strategy, arrays, server_round, config, run_tag, timeout)
+        append_jsonl(out / ROUNDS_FILE, record)
+        if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
+            evaluation = {"round": server_round, **evaluate(arrays_to_state(arrays)),
+                          "train_loss": record.get("loss"), "clients": record["clients"], "lr": record["lr"]}
+            append_jsonl(out / METRICS_FILE, evaluation)
+            plot_metrics(out / METRICS_FILE, out / PLOT_FILE)
+            evaluations.append(evaluation)
+            LOG.info("camfed round %d: %s", server_round, json.dumps(evaluation))
+        _save_checkpoint(out / CHECKPOINT, server_round, arrays_to_state(arrays), config, method, run_tag)
+    if config.post_steps:
+        evaluate.post_process(arrays_to_state(arrays), out / "post")
+    return evaluations
+
+
+def _train_round(grid: Grid, strategy: CameraFedAvg, arrays: ArrayRecord, server_round: int, config: Config,
+                 run_tag: str, timeout: float | None) -> tuple[ArrayRecord, dict]:
+    """One round of training; returns the new global arrays and the round's record for ``rounds.jsonl``."""
+    began = time.monotonic()
+    lr = learning_rate(server_round - 1, config)
+    round_config = ConfigRecord({"lr": lr, "run-tag": run_tag})
+    messages = list(strategy.configure_train(server_round, arrays, round_config, grid))
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    record = {"round": server_round, "lr": lr, "sampled": len(messages), **dict(metrics),
+              "failed": len(messages) - int(metrics["clients"]), "aggregated": new_arrays is not None,
+              "bytes_down_per_client": arrays.count_bytes(),
+              "bytes_up": sum(r.content[ARRAYS].count_bytes() for r in replies
+                              if r.has_content() and ARRAYS in r.content.array_records),
+              "seconds": round(time.monotonic() - began, 3)}
+    return (new_arrays if new_arrays is not None else arrays), record
+
+
+def _starting_point(config: Config, method: Method, out: Path) -> tuple[StateDict, int, str]:
+    """(shared weights, last completed round, run tag): from the checkpoint when resuming, else fresh."""
+    if config.resume:
+        state = load_federated_checkpoint(out / CHECKPOINT, method)
+        problem = conformity_error(state["model"], signature(method.initial_shared_state(config)))
+        if problem:
+            raise ConfigError(f"{out / CHECKPOINT} does not fit the configured model ({problem}); "
+                              "check 'backbone' and 'method'")
+        start = int(state["round"])
+        for name in (METRICS_FILE, ROUNDS_FILE):
+            keep_rounds_up_to(out / name, start)
+        LOG.info("camfed: resuming after round %d from %s", start, out / CHECKPOINT)
+        return state["model"], start, state["run-tag"]
+    shared, run_tag = method.initial_shared_state(config), secrets.token_hex(8)
+    for name in (METRICS_FILE, ROUNDS_FILE, PLOT_FILE):
+        (out / name).unlink(missing_ok=True)
+    _save_checkpoint(out / CHECKPOINT, 0, shared, config, method, run_tag)
+    return shared, 0, run_tag
+
+
+def _save_checkpoint(path: Path, server_round: int, shared: StateDict, config: Config, method: Method,
+                     run_tag: str) -> None:
+    atomic_save({"round": server_round, "model": shared, "config": config.to_run_config(), "method": method.name,
+                 "run-tag": run_tag}, path)
+

@@ -1,0 +1,63 @@
+"""FedAvg, FedPav-style (METHODS.md §7): clients share backbone + BNNeck and keep their classifiers."""
+
+from __future__ import annotations
+
+import torch
+
+from common.data.loading import train_loader
+from common.engine import ExtraLoss, make_optimizer, seed_everything, set_lr, train_epoch
+from common.methods import register
+from common.methods.base import LocalJob, LocalResult, Method
+from common.models.reid import ReIDModel
+
+
+@register("fedavg")
+class FedAvg(Method):
+    """Local CE + triplet for ``local-epochs`` epochs from the global weights and the private classifier."""
+
+    def local_round(self, job: LocalJob) -> LocalResult:
+        seed_everything(job.seed)
+        model = self.local_model(job)
+        private, metrics = self.prepare(job, model)
+        optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], job.config)
+        set_lr(optimizer, job.lr)
+        scaler = torch.amp.GradScaler("cuda") if job.config.amp and job.device.type == "cuda" else None
+        loader = train_loader(job.partition.records, job.partition.labels, job.config, seed=job.seed)
+        extra = self.extra_loss(job, model)
+        stats: dict[str, float] = {}
+        for epoch in range(job.config.local_epochs):
+            loader.sampler.set_epoch(epoch)
+            stats = train_epoch(model, loader, optimizer, job.config, job.device, scaler, extra_loss=extra,
+                                desc=f"camera {job.partition.camid} round {job.server_round}")
+        return LocalResult(
+            shared={k: v.detach().cpu().clone() for k, v in model.shared_state().items()},
+            private={**private,
+                     "classifier": {k: v.detach().cpu().clone() for k, v in model.classifier.state_dict().items()}},
+            metrics={**metrics, **self.round_metrics(stats)},
+            num_examples=len(job.partition.records),
+        )
+
+    def local_model(self, job: LocalJob) -> ReIDModel:
+        """Global shared weights + this camera's classifier (a fresh one on its first round), on ``job.device``."""
+        model = self.shared_model(job.config)
+        model.set_num_classes(job.partition.num_ids)
+        missing, unexpected = model.load_state_dict(job.shared, strict=False)
+        if unexpected or any(not k.startswith("classifier.") for k in missing):
+            raise ValueError(f"global weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if "classifier" in job.private:
+            model.classifier.load_state_dict(job.private["classifier"])
+        return model.to(job.device)
+
+    def prepare(self, job: LocalJob, model: ReIDModel) -> tuple[dict, dict[str, float]]:
+        """Work before local training (none for FedAvg): returns extra private state and metrics."""
+        return {}, {}
+
+    def extra_loss(self, job: LocalJob, model: ReIDModel) -> ExtraLoss | None:
+        """A loss term added to CE + triplet on every batch (none for FedAvg)."""
+        return None
+
+    def round_metrics(self, stats: dict[str, float]) -> dict[str, float]:
+        """Scalars reported to the server: mean losses of the last local epoch and accuracy."""
+        metrics = {k: float(v) for k, v in stats.items() if k != "num_examples"}
+        metrics["loss"] = sum(v for k, v in metrics.items() if k != "accuracy")
+        return metrics

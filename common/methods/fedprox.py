@@ -1,0 +1,34 @@
+"""FedProx (METHODS.md §7): FedAvg's local loss + μ/2 ‖w − w_global‖² over the shared parameters."""
+
+from __future__ import annotations
+
+import torch
+
+from common.engine import ExtraLoss
+from common.methods import register
+from common.methods.base import LocalJob
+from common.methods.fedavg import FedAvg
+from common.models.reid import ReIDModel
+
+
+def proximal_term(model: torch.nn.Module, anchors: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """μ/2 · Σ_k ‖θ_k − anchor_k‖² over the trainable parameters named in ``anchors`` (scalar tensor)."""
+    params = dict(model.named_parameters())
+    total = sum(((params[name] - anchor) ** 2).sum() for name, anchor in anchors.items())
+    return 0.5 * mu * total
+
+
+@register("fedprox")
+class FedProx(FedAvg):
+    """FedPav-style FedAvg with the proximal term (config key 'prox-mu'); the term is reported as ``prox``."""
+
+    def extra_loss(self, job: LocalJob, model: ReIDModel) -> ExtraLoss:
+        anchors = {name: job.shared[name].to(job.device) for name, p in model.named_parameters()
+                   if p.requires_grad and name in job.shared}
+        mu = job.config.prox_mu
+        return lambda m, outputs, labels, indices: proximal_term(m, anchors, mu)
+
+    def round_metrics(self, stats: dict[str, float]) -> dict[str, float]:
+        metrics = super().round_metrics(stats)
+        metrics["prox"] = metrics.pop("extra", 0.0)
+        return metrics

@@ -1,0 +1,1 @@
+"""camfed's Flower ServerApp (``server.app:app``)."""

@@ -1,0 +1,125 @@
+"""Real processes: ``flower-superlink`` + one ``flower-supernode`` per camera on 127.0.0.1, ``flwr run``.
+
+Each test uses its own FLWR_HOME and free ports and stops every process it started (process group
+and descendants) in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import write_run_config
+
+from common.federated.launch import (descendants, flwr_run, free_port, local_superlink, run_status, stop_process_tree,
+                                     tool_env)
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMERAS = 3
+
+
+@contextmanager
+def supernode(flwr_home: Path, superlink: str, partition_id: int, log: Path, cwd: Path):
+    """A ``flower-supernode`` for camera ``partition_id``; stopped (with its ClientApp processes) on exit."""
+    command = ["flower-supernode", "--insecure", "--superlink", superlink, "--port", str(free_port()),
+               "--node-config", f"partition-id={partition_id} num-partitions={CAMERAS}"]
+    env = {**tool_env(flwr_home), "OMP_NUM_THREADS": "1"}  # 3 SuperNodes share this machine's cores
+    with log.open("ab") as handle:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=handle,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield process
+    finally:
+        stop_process_tree(process)
+
+
+@contextmanager
+def deployment(tmp_path: Path):
+    """A SuperLink (deployment runtime) and CAMERAS SuperNodes; yields (FLWR_HOME, supernode processes)."""
+    flwr_home = tmp_path / "flwr-home"
+    with ExitStack() as stack:
+        address, _ = stack.enter_context(local_superlink(flwr_home, tmp_path / "superlink.log", simulation=False,
+                                                         cwd=tmp_path))
+        nodes = [stack.enter_context(supernode(flwr_home, address, i, tmp_path / f"supernode-{i}.log", tmp_path))
+                 for i in range(CAMERAS)]
+        yield flwr_home, nodes
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_two_rounds_with_superlink_and_one_supernode_per_camera(tiny_run_config, tmp_path):
+    values = {**tiny_run_config, "min-available-clients": CAMERAS, "min-train-clients": CAMERAS}
+    run_config = write_run_config(tmp_path / "run.toml", values)
+    with deployment(tmp_path) as (flwr_home, _):
+        run_id, output = flwr_run(ROOT, flwr_home, str(run_config), timeout=240, echo=False)
+        assert run_id is not None, output
+        assert run_status(flwr_home, run_id) == "finished:completed", output[-3000:]
+    out = Path(values["output-dir"])
+    assert [r["round"] for r in _records(out / "metrics.jsonl")] == [1, 2]
+    assert all({"mAP", "rank1", "rank5", "rank10", "mINP"} <= set(r) for r in _records(out / "metrics.jsonl"))
+    assert [(r["clients"], r["failed"]) for r in _records(out / "rounds.jsonl")] == [(CAMERAS, 0), (CAMERAS, 0)]
+    for camera in range(1, CAMERAS + 1):  # private state of every camera, saved by a separate ClientApp process
+        assert len(list((out / "client-state" / f"camera-{camera}").glob("*-round-00002.pt"))) == 1
+
+
+def wait_for_nodes(flwr_home: Path, count: int, timeout: float = 60.0) -> None:
+    """Block until the SuperLink lists ``count`` online SuperNodes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = subprocess.run(["flwr", "supernode", "list", "camfed-local", "--format", "json"],
+                                env=tool_env(flwr_home), capture_output=True, text=True, timeout=60)
+        try:
+            nodes = json.loads(result.stdout)["nodes"]
+        except (json.JSONDecodeError, KeyError):
+            nodes = []
+        if sum(node["status"] == "online" for node in nodes) >= count:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"fewer than {count} SuperNodes online after {timeout:.0f} s")
+
+
+def kill_now(process: subprocess.Popen) -> None:
+    """SIGKILL a SuperNode and its ClientApp processes: it vanishes without unregistering."""
+    for pid in [process.pid, *descendants(process.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_killing_a_supernode_mid_round_does_not_end_the_run(tiny_run_config, tmp_path):
+    """The SuperLink declares the killed node unavailable after 2 missed 30 s heartbeats (~1 minute);
+    later rounds go on with the 2 remaining cameras (min-available-clients = 2)."""
+    values = {**tiny_run_config, "num-server-rounds": 3, "eval-every": 3, "min-available-clients": CAMERAS - 1,
+              "min-train-clients": CAMERAS - 1}
+    run_config = write_run_config(tmp_path / "run.toml", values)
+    rounds_file = Path(values["output-dir"]) / "rounds.jsonl"
+    with deployment(tmp_path) as (flwr_home, nodes):
+        wait_for_nodes(flwr_home, CAMERAS)
+        process = subprocess.Popen(["flwr", "run", str(ROOT), "camfed-local", "--run-config", str(run_config)],
+                                   env=tool_env(flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        output = process.communicate(timeout=60)[0].decode()
+        run_id = int(output.split("Successfully started run")[1].split()[0])
+        deadline = time.monotonic() + 420
+        while not _records(rounds_file) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(2)  # round 2 is under way
+        kill_now(nodes[2])
+        while run_status(flwr_home, run_id).startswith(("pending", "starting", "running")):
+            assert time.monotonic() < deadline, "run did not finish"
+            time.sleep(2)
+        assert run_status(flwr_home, run_id) == "finished:completed"
+    rounds = _records(rounds_file)
+    assert [r["round"] for r in rounds] == [1, 2, 3]
+    assert (rounds[0]["clients"], rounds[1]["clients"], rounds[1]["failed"]) == (CAMERAS, CAMERAS - 1, 1)
+    assert rounds[2]["clients"] == CAMERAS - 1 and all(r["aggregated"] for r in rounds)

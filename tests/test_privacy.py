@@ -1,0 +1,76 @@
+"""Privacy: a client's replies hold only the shared weights and scalar metrics.
+
+No classifier, no features, no images, no identity labels: every array in a reply has a key and
+shape of the shared model (backbone + BNNeck), and every metric is one number with a known name.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+
+from client.app import app as client_app
+from common.config import load_config
+from common.federated.arrays import state_to_arrays
+from common.federated.data import camera_partition, load_node_dataset
+from common.federated.inprocess import InProcessGrid
+from common.federated.server import run_federation
+from common.federated.state import PrivateStateStore, state_dir
+from common.methods import get_method
+
+ALLOWED_METRICS = {"loss", "ce", "triplet", "accuracy", "prox", "local-seconds", "num-examples", "camera"}
+
+
+def assert_only_shared_weights_and_scalars(reply: Message, shared: dict[str, torch.Tensor]) -> None:
+    """The check applied to every reply."""
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics"}
+    assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
+    assert not content.config_records
+    arrays: ArrayRecord = content["arrays"]
+    assert list(arrays) == list(shared)  # exactly the shared keys: no classifier.*, nothing extra
+    assert not any(key.startswith("classifier") for key in arrays)
+    for key, array in arrays.items():
+        assert tuple(array.shape) == tuple(shared[key].shape), key
+        assert array.dtype == str(shared[key].numpy().dtype), key
+    assert sum(a.numpy().size for a in arrays.values()) == sum(t.numel() for t in shared.values())
+    metrics: MetricRecord = content["metrics"]
+    assert set(metrics) <= ALLOWED_METRICS, set(metrics) - ALLOWED_METRICS
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+
+
+def _train_message(shared: dict[str, torch.Tensor], server_round: int = 1) -> Message:
+    config = ConfigRecord({"server-round": server_round, "lr": 3.5e-4, "run-tag": "0123abcd"})
+    return Message(RecordDict({"arrays": state_to_arrays(shared), "config": config}), dst_node_id=1001,
+                   message_type=MessageType.TRAIN)
+
+
+def test_train_handler_reply_holds_only_shared_weights_and_scalars(tiny_run_config, tiny_config):
+    InProcessGrid(client_app, 3, tiny_run_config)  # sets Flower's task identity for building messages
+    shared = get_method("fedavg").initial_shared_state(tiny_config)
+    context = Context(run_id=1, node_id=1001, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config=tiny_run_config)
+    reply = client_app(_train_message(shared), context)
+    assert_only_shared_weights_and_scalars(reply, shared)
+    partition = camera_partition(load_node_dataset(tiny_config), 0, 3)
+    assert reply.content["metrics"]["num-examples"] == len(partition.records)
+    # the classifier was trained, and stayed on the client
+    private = PrivateStateStore(state_dir(tiny_config, partition.camid)).load("0123abcd", before_round=2)
+    assert private["classifier"]["weight"].shape == (partition.num_ids, 512)
+
+
+def test_every_reply_of_a_federated_run_is_clean(tiny_run_config):
+    run_config = {**tiny_run_config, "method": "fedprox", "num-server-rounds": 1}
+    config = load_config(run_config)
+    shared = get_method("fedprox").initial_shared_state(config)
+    seen = []
+
+    def inspecting(message: Message, context: Context) -> Message:
+        reply = client_app(message, context)
+        assert_only_shared_weights_and_scalars(reply, shared)
+        seen.append(reply)
+        return reply
+
+    run_federation(InProcessGrid(inspecting, 3, run_config), config)
+    assert len(seen) == 3
