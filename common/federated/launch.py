@@ -23,13 +23,12 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from common.config import Config, ConfigError, parse_run_config
+from common.config import Config, ConfigError, parse_run_config, tomllib
 from common.data.partition import partition_by_camera
 from common.federated.data import load_node_dataset
 
