@@ -82,14 +82,15 @@ def run_federation(grid: Grid, config: Config, timeout: float | None = None) -> 
     for server_round in range(start + 1, config.num_server_rounds + 1):
         arrays, record = _train_round(grid, strategy, arrays, server_round, config, run_tag, timeout)
         append_jsonl(out / ROUNDS_FILE, record)
+        shared = arrays_to_state(arrays)
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
-            evaluation = {"round": server_round, **evaluate(arrays_to_state(arrays)),
+            evaluation = {"round": server_round, **evaluate(shared),
                           "train_loss": record.get("loss"), "clients": record["clients"], "lr": record["lr"]}
             append_jsonl(out / METRICS_FILE, evaluation)
             plot_metrics(out / METRICS_FILE, out / PLOT_FILE)
             evaluations.append(evaluation)
             LOG.info("camfed round %d: %s", server_round, json.dumps(evaluation))
-        _save_checkpoint(out / CHECKPOINT, server_round, arrays_to_state(arrays), config, method, run_tag)
+        _save_checkpoint(out / CHECKPOINT, server_round, shared, config, method, run_tag)
     if config.post_steps:
         evaluate.post_process(arrays_to_state(arrays), out / "post")
     return evaluations
