@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common.config import write_run_config  # noqa: E402  (after the path set-up)
+
 RESNET50 = {"backbone": "resnet50", "height": 128, "width": 64, "batch-size": 32, "num-instances": 4,
             "synth-ids": 48, "synth-cameras": 4}
 TINY = {"backbone": "resnet18", "height": 32, "width": 16, "pad": 2, "batch-size": 8, "num-instances": 4,
@@ -120,7 +122,7 @@ def run_simulation(values: dict, out: Path) -> dict:
     from common.federated.launch import flwr_run, local_superlink, run_status
 
     cameras = count_cameras_of(values)
-    run_config = write_toml(out.parent / "run.toml", values)
+    run_config = write_run_config(out.parent / "run.toml", values)
     with tempfile.TemporaryDirectory() as home, local_superlink(Path(home), out.parent / "superlink.log",
                                                                  cwd=out.parent):
         run_id, output = flwr_run(ROOT, Path(home), str(run_config), f"num-supernodes={cameras} "
@@ -134,7 +136,7 @@ def run_deployment(values: dict, out: Path) -> dict:
     from common.federated.launch import flwr_run, free_port, local_superlink, run_status, stop_process_tree, tool_env
 
     cameras = count_cameras_of(values)
-    run_config = write_toml(out.parent / "run.toml", {**values, "min-available-clients": cameras})
+    run_config = write_run_config(out.parent / "run.toml", {**values, "min-available-clients": cameras})
     with tempfile.TemporaryDirectory() as home, ExitStack() as stack:
         flwr_home = Path(home)
         address, _ = stack.enter_context(local_superlink(flwr_home, out.parent / "superlink.log", simulation=False,
@@ -167,16 +169,6 @@ def count_cameras_of(values: dict) -> int:
     from common.federated.launch import count_cameras
 
     return count_cameras(load_values(values))
-
-
-def write_toml(path: Path, values: dict) -> Path:
-    def toml(value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return json.dumps(value) if isinstance(value, str) else repr(value)
-
-    path.write_text("".join(f"{k} = {toml(v)}\n" for k, v in values.items()))
-    return path
 
 
 def run_case(case: str, cache: Path) -> list[dict]:

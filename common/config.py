@@ -8,6 +8,7 @@ unknown key or a value of the wrong type is a ``ConfigError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -217,6 +218,18 @@ def parse_run_config(text: str) -> dict[str, Any]:
         return _flatten(tomllib.loads("\n".join(_split_pairs(text))))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"cannot parse run config {text!r}: {err}") from None
+
+
+def write_run_config(path: Path, values: Mapping[str, Any]) -> Path:
+    """Write a flat run-config mapping as a TOML file (for ``--run-config <file>``); returns ``path``."""
+
+    def toml_value(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return json.dumps(value) if isinstance(value, str) else repr(value)
+
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
+    return path
 
 
 def _split_pairs(text: str) -> list[str]:

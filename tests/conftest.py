@@ -7,12 +7,11 @@ Both write into the test's own ``tmp_path``.  ``write_run_config`` writes such a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-from common.config import Config, load_config
+from common.config import Config, load_config, write_run_config  # noqa: F401 (used by tests)
 
 TINY_SETTINGS = {
     "dataset": "synthetic", "synth-ids": 12, "synth-cameras": 3, "synth-seed": 0,
@@ -43,14 +42,3 @@ def tiny_run_config(tiny_cache, tmp_path) -> dict:
 @pytest.fixture
 def tiny_config(tiny_run_config) -> Config:
     return load_config(tiny_run_config)
-
-
-def write_run_config(path: Path, values: dict) -> Path:
-    """Write a run-config mapping as a TOML file (for ``flwr run --run-config <file>``)."""
-    def toml_value(value) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return json.dumps(value) if isinstance(value, str) else repr(value)
-
-    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
-    return path
