@@ -44,9 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--backbones", default="efficientnet_lite0,resnet18,resnet50")
+    parser.add_argument("--sizes", default="128x64,256x128", help="comma-separated HEIGHTxWIDTH")
     args = parser.parse_args()
-    for backbone in ("resnet18", "resnet50"):
-        for height, width in ((128, 64), (256, 128)):
+    sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
+    for backbone in args.backbones.split(","):
+        for height, width in sizes:
             print(json.dumps(measure(backbone, height, width, args.batch, args.steps)), flush=True)
 
 

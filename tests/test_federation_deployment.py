@@ -15,6 +15,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import write_run_config
 
 from common.federated.launch import (descendants, flwr_run, free_port, local_superlink, run_status, stop_process_tree,
@@ -55,8 +56,9 @@ def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
 
 
-def test_two_rounds_with_superlink_and_one_supernode_per_camera(tiny_run_config, tmp_path):
-    values = {**tiny_run_config, "min-available-clients": CAMERAS, "min-train-clients": CAMERAS}
+@pytest.mark.parametrize("method", ["fedavg", "pem"])
+def test_two_rounds_with_superlink_and_one_supernode_per_camera(tiny_run_config, tmp_path, method):
+    values = {**tiny_run_config, "method": method, "min-available-clients": CAMERAS, "min-train-clients": CAMERAS}
     run_config = write_run_config(tmp_path / "run.toml", values)
     with deployment(tmp_path) as (flwr_home, _):
         run_id, output = flwr_run(ROOT, flwr_home, str(run_config), timeout=240, echo=False)
@@ -67,7 +69,11 @@ def test_two_rounds_with_superlink_and_one_supernode_per_camera(tiny_run_config,
     assert all({"mAP", "rank1", "rank5", "rank10", "mINP"} <= set(r) for r in _records(out / "metrics.jsonl"))
     assert [(r["clients"], r["failed"]) for r in _records(out / "rounds.jsonl")] == [(CAMERAS, 0), (CAMERAS, 0)]
     for camera in range(1, CAMERAS + 1):  # private state of every camera, saved by a separate ClientApp process
-        assert len(list((out / "client-state" / f"camera-{camera}").glob("*-round-00002.pt"))) == 1
+        [state] = (out / "client-state" / f"camera-{camera}").glob("*-round-00002.pt")
+        private = torch.load(state, weights_only=False)["state"]
+        assert "classifier" in private and ("expert" in private) == (method == "pem")
+    shared = torch.load(out / "checkpoint.pt", weights_only=False)["model"]
+    assert any(k.startswith("pem.") for k in shared) == (method == "pem")  # PEM is averaged with the backbone
 
 
 def wait_for_nodes(flwr_home: Path, count: int, timeout: float = 60.0) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from common.data.loading import train_loader
@@ -11,6 +13,16 @@ from common.methods.base import LocalJob, LocalResult, Method
 from common.models.reid import ReIDModel
 
 
+@dataclass
+class Preparation:
+    """What a method's stages before local training hand over: extra ``private`` state kept on the
+    client, scalar ``metrics``, and an ``extra_loss`` added to CE + triplet on every batch."""
+
+    private: dict = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    extra_loss: ExtraLoss | None = None
+
+
 @register("fedavg")
 class FedAvg(Method):
     """Local CE + triplet for ``local-epochs`` epochs from the global weights and the private classifier."""
@@ -18,22 +30,21 @@ class FedAvg(Method):
     def local_round(self, job: LocalJob) -> LocalResult:
         seed_everything(job.seed)
         model = self.local_model(job)
-        private, metrics = self.prepare(job, model)
+        prepared = self.prepare(job, model)
         optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], job.config)
         set_lr(optimizer, job.lr)
         scaler = torch.amp.GradScaler("cuda") if job.config.amp and job.device.type == "cuda" else None
         loader = train_loader(job.partition.records, job.partition.labels, job.config, seed=job.seed)
-        extra = self.extra_loss(job, model)
         stats: dict[str, float] = {}
         for epoch in range(job.config.local_epochs):
             loader.sampler.set_epoch(epoch)
-            stats = train_epoch(model, loader, optimizer, job.config, job.device, scaler, extra_loss=extra,
+            stats = train_epoch(model, loader, optimizer, job.config, job.device, scaler, extra_loss=prepared.extra_loss,
                                 desc=f"camera {job.partition.camid} round {job.server_round}")
         return LocalResult(
             shared={k: v.detach().cpu().clone() for k, v in model.shared_state().items()},
-            private={**private,
+            private={**prepared.private,
                      "classifier": {k: v.detach().cpu().clone() for k, v in model.classifier.state_dict().items()}},
-            metrics={**metrics, **self.round_metrics(stats)},
+            metrics={**prepared.metrics, **self.round_metrics(stats)},
             num_examples=len(job.partition.records),
         )
 
@@ -48,13 +59,9 @@ class FedAvg(Method):
             model.classifier.load_state_dict(job.private["classifier"])
         return model.to(job.device)
 
-    def prepare(self, job: LocalJob, model: ReIDModel) -> tuple[dict, dict[str, float]]:
-        """Work before local training (none for FedAvg): returns extra private state and metrics."""
-        return {}, {}
-
-    def extra_loss(self, job: LocalJob, model: ReIDModel) -> ExtraLoss | None:
-        """A loss term added to CE + triplet on every batch (none for FedAvg)."""
-        return None
+    def prepare(self, job: LocalJob, model: ReIDModel) -> Preparation:
+        """Work before local training on ``model`` (none for FedAvg)."""
+        return Preparation()
 
     def round_metrics(self, stats: dict[str, float]) -> dict[str, float]:
         """Scalars reported to the server: mean losses of the last local epoch and accuracy."""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from common.engine import ExtraLoss
 from common.methods import register
 from common.methods.base import LocalJob
-from common.methods.fedavg import FedAvg
+from common.methods.fedavg import FedAvg, Preparation
 from common.models.reid import ReIDModel
 
 
@@ -22,11 +21,11 @@ def proximal_term(model: torch.nn.Module, anchors: dict[str, torch.Tensor], mu: 
 class FedProx(FedAvg):
     """FedPav-style FedAvg with the proximal term (config key 'prox-mu'); the term is reported as ``prox``."""
 
-    def extra_loss(self, job: LocalJob, model: ReIDModel) -> ExtraLoss:
+    def prepare(self, job: LocalJob, model: ReIDModel) -> Preparation:
         anchors = {name: job.shared[name].to(job.device) for name, p in model.named_parameters()
                    if p.requires_grad and name in job.shared}
         mu = job.config.prox_mu
-        return lambda m, outputs, labels, indices: proximal_term(m, anchors, mu)
+        return Preparation(extra_loss=lambda m, outputs, labels, indices: proximal_term(m, anchors, mu))
 
     def round_metrics(self, stats: dict[str, float]) -> dict[str, float]:
         metrics = super().round_metrics(stats)

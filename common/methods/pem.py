@@ -24,11 +24,11 @@ import torch.nn as nn
 from common.config import Config, ConfigError
 from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
 from common.data.loading import train_loader
-from common.engine import ExtraLoss, make_optimizer, set_lr, train_epoch
+from common.engine import make_optimizer, set_lr, train_epoch
 from common.losses import batch_hard_triplet, cross_entropy_smooth, cycle_consistency_loss, pose_distillation_loss
 from common.methods import register
 from common.methods.base import LocalJob
-from common.methods.fedavg import FedAvg
+from common.methods.fedavg import FedAvg, Preparation
 from common.models.pem import PoseExtractionModule, swap_partners
 from common.models.reid import ReIDModel, ReIDOutput, build_model
 
@@ -80,22 +80,21 @@ class PEM(FedAvg):
             model.pem = PoseExtractionModule(model.feat_dim, config.pem_reduction)
         return model
 
-    def prepare(self, job: LocalJob, model: ReIDModel) -> tuple[dict, dict[str, float]]:
-        """Stages 1 and 2; the expert is returned as private state."""
+    def prepare(self, job: LocalJob, model: ReIDModel) -> Preparation:
+        """Stages 1 and 2; the expert is returned as private state, and stage 3's extra loss
+        (pose-swapped positives from the then frozen PEM) shares the round's poses and generator."""
         if job.config.pem_variant == "baseline":
-            return {}, {}
-        self._poses = PoseVectors.for_job(job) if needs_poses(job.config) else None
-        self._generator = torch.Generator(device=job.device).manual_seed(job.seed)
+            return Preparation()
+        poses = PoseVectors.for_job(job) if needs_poses(job.config) else None
+        generator = torch.Generator(device=job.device).manual_seed(job.seed)
         expert = self._train_expert(job)
-        metrics = self._train_pem(job, model, expert)
+        metrics = self._train_pem(job, model, expert, poses, generator)
         model.pem.requires_grad_(False)  # stage 3 trains the local-global model only
-        return {"expert": {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}}, metrics
-
-    def extra_loss(self, job: LocalJob, model: ReIDModel) -> ExtraLoss | None:
-        """Stage 3: pose-swapped positives from the frozen PEM."""
-        if job.config.pem_variant == "baseline":
-            return None
-        return SwapPositives(model.pem, job.config, self._poses, self._generator)
+        return Preparation(
+            private={"expert": {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}},
+            metrics=metrics,
+            extra_loss=SwapPositives(model.pem, job.config, poses, generator),
+        )
 
     def _train_expert(self, job: LocalJob) -> ReIDModel:
         """Stage 1: the camera's expert, restored from private state (or ψ on its first round), trained on D_c."""
@@ -114,8 +113,10 @@ class PEM(FedAvg):
             train_epoch(expert, loader, optimizer, config, job.device, desc=f"camera {job.partition.camid} expert")
         return expert.eval()
 
-    def _train_pem(self, job: LocalJob, model: ReIDModel, expert: ReIDModel) -> dict[str, float]:
-        """Stage 2: PEM on frozen, un-augmented feature maps of the expert (+ the local-global model with CR)."""
+    def _train_pem(self, job: LocalJob, model: ReIDModel, expert: ReIDModel, poses,
+                   generator: torch.Generator) -> dict[str, float]:
+        """Stage 2: PEM on frozen, un-augmented feature maps of the expert (+ the local-global model with CR).
+        ``poses``: ``PoseVectors.for_job`` output or ``None`` when the variant needs none."""
         config, device = job.config, job.device
         pem = model.pem.train()
         optimizer = torch.optim.SGD(pem.parameters(), lr=config.pem_lr, momentum=config.momentum)
@@ -129,8 +130,8 @@ class PEM(FedAvg):
                 images, labels = images.to(device), labels.to(device)
                 with torch.no_grad():
                     maps = [net.backbone(images) for net in networks]
-                z, valid = batch_poses(self._poses, indices, device)
-                terms = [pem_losses(pem, f, labels, z, valid, config, self._generator) for f in maps]
+                z, valid = batch_poses(poses, indices, device)
+                terms = [pem_losses(pem, f, labels, z, valid, config, generator) for f in maps]
                 loss = sum(t["pose"] + t["cycle"] for t in terms)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
