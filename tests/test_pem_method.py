@@ -84,3 +84,20 @@ def test_two_round_pem_federation_on_synthetic_cameras(tiny_run_config):
     assert len(lines) == 2 and all(0.0 <= e["mAP"] <= 1.0 for e in lines)
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert any(k.startswith("pem.") for k in checkpoint["model"])
+
+
+def test_pem_losses_weight_the_papers_loss_terms(tiny_run_config):
+    """L_cyc is the paper's L1 summed over the map (not a mean), L_pose the masked PKD; each times its weight."""
+    from common.losses import cycle_consistency_loss, pose_distillation_loss
+    from common.methods.pem import pem_losses
+    from common.models.pem import PoseExtractionModule, swap_partners
+
+    config = load_config({**tiny_run_config, "method": "pem", "pem-pose-weight": 3.0, "pem-cycle-weight": 2.0})
+    torch.manual_seed(0)
+    pem = PoseExtractionModule(64, 16)
+    features, z = torch.randn(8, 64, 2, 1).relu(), torch.rand(8, 34)
+    labels, valid = torch.arange(4).repeat_interleave(2), torch.ones(8, dtype=torch.bool)
+    terms = pem_losses(pem, features, labels, z, valid, config, torch.Generator().manual_seed(1))
+    delta = swap_partners(labels, z, False, torch.Generator().manual_seed(1), valid)
+    assert torch.allclose(terms["cycle"], 2.0 * cycle_consistency_loss(pem, features, delta))
+    assert torch.allclose(terms["pose"], 3.0 * pose_distillation_loss(z, pem.decouple(features)[0], labels, valid))

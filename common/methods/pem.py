@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from common.config import Config, ConfigError
 from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
-from common.data.loading import train_loader
+from common.data.dataset import PKSampler
+from common.data.loading import test_loader, train_loader
 from common.engine import make_optimizer, set_lr, train_epoch
 from common.losses import batch_hard_triplet, cross_entropy_smooth, cycle_consistency_loss, pose_distillation_loss
 from common.methods import register
@@ -116,22 +117,29 @@ class PEM(FedAvg):
     def _train_pem(self, job: LocalJob, model: ReIDModel, expert: ReIDModel, poses,
                    generator: torch.Generator) -> dict[str, float]:
         """Stage 2: PEM on frozen, un-augmented feature maps of the expert (+ the local-global model with CR).
-        ``poses``: ``PoseVectors.for_job`` output or ``None`` when the variant needs none."""
+
+        The maps are computed once per round (``frozen_maps``) and every PEM epoch iterates P×K batches
+        over them, so ``pem-epochs`` costs almost nothing beyond the first.  ``poses``: ``PoseVectors.for_job``
+        output or ``None`` when the variant needs none.  Metrics: mean losses of the last PEM epoch and
+        ``pem_attention_std``, the spread of the attention A over channels (0 when PEM routes every
+        channel alike, e.g. A ≡ 0.5 at initialisation)."""
         config, device = job.config, job.device
         pem = model.pem.train()
         optimizer = torch.optim.SGD(pem.parameters(), lr=config.pem_lr, momentum=config.momentum)
         networks = [expert] + ([model] if config.pem_variant == "full" else [])
-        model.eval()
-        loader = train_loader(job.partition.records, job.partition.labels, config, seed=job.seed + 2, augment=False)
-        totals, steps = {"pem_pose": 0.0, "pem_cycle": 0.0}, 0
+        maps = frozen_maps(networks, job)
+        labels = torch.as_tensor([job.partition.labels[r.pid] for r in job.partition.records])
+        sampler = PKSampler([r.pid for r in job.partition.records], config.batch_size, config.num_instances,
+                            seed=job.seed + 2)
+        totals, steps = {}, 0
         for epoch in range(config.pem_epochs):
-            loader.sampler.set_epoch(epoch)
-            for images, labels, _, indices in loader:
-                images, labels = images.to(device), labels.to(device)
-                with torch.no_grad():
-                    maps = [net.backbone(images) for net in networks]
+            sampler.set_epoch(epoch)
+            totals, steps = {"pem_pose": 0.0, "pem_cycle": 0.0}, 0
+            for indices in pk_batches(sampler, config.batch_size):
+                batch_labels = labels[indices].to(device)
                 z, valid = batch_poses(poses, indices, device)
-                terms = [pem_losses(pem, f, labels, z, valid, config, generator) for f in maps]
+                terms = [pem_losses(pem, m[indices].to(device, torch.float32), batch_labels, z, valid, config,
+                                    generator) for m in maps]
                 loss = sum(t["pose"] + t["cycle"] for t in terms)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -139,8 +147,36 @@ class PEM(FedAvg):
                 totals["pem_pose"] += sum(t["pose"].item() for t in terms)
                 totals["pem_cycle"] += sum(t["cycle"].item() for t in terms)
                 steps += 1
-        model.train()
-        return {k: v / max(steps, 1) for k, v in totals.items()}
+        with torch.no_grad():
+            attention = pem(maps[0].mean(dim=(2, 3)).to(device, torch.float32))
+        metrics = {k: v / max(steps, 1) for k, v in totals.items()}
+        return {**metrics, "pem_attention_std": float(attention.std(dim=1).mean())}
+
+
+def frozen_maps(networks: list[ReIDModel], job: LocalJob) -> list[torch.Tensor]:
+    """Backbone feature maps (N, d, h, w) of every training image of the camera, one per network, in
+    record order, without augmentation; kept on the CPU in float16 (e.g. 2 × 1.6 GB for 3,000 images
+    of ResNet-50 at 256×128)."""
+    loader = test_loader(job.partition.records, job.config)
+    maps: list[list[torch.Tensor]] = [[] for _ in networks]
+    was_training = [net.training for net in networks]
+    with torch.no_grad():
+        for net in networks:
+            net.eval()
+        for images, *_ in loader:
+            images = images.to(job.device)
+            for out, net in zip(maps, networks):
+                out.append(net.backbone(images).to("cpu", torch.float16))
+    for net, mode in zip(networks, was_training):
+        net.train(mode)
+    return [torch.cat(out) for out in maps]
+
+
+def pk_batches(sampler: PKSampler, batch_size: int) -> list[torch.Tensor]:
+    """One epoch of ``sampler`` as full batches of dataset indices (int64), like ``drop_last=True``."""
+    order = torch.as_tensor(list(sampler), dtype=torch.int64)
+    size = min(batch_size, len(order))
+    return [order[i:i + size] for i in range(0, len(order) - size + 1, size)]
 
 
 def batch_poses(poses, indices: torch.Tensor, device: torch.device):
@@ -154,8 +190,10 @@ def pem_losses(pem: PoseExtractionModule, features: torch.Tensor, labels: torch.
                config: Config, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Weighted L_pose and L_cyc of the configured variant on feature maps (B, d, h, w).
 
-    L_cyc is the paper's per-sample L1 divided by the number of elements of one map (d·h·w), so that
-    both terms have comparable scale at any backbone and input size.
+    L_cyc is the paper's per-sample L1 summed over all d·h·w elements, not a mean: its gradient is
+    what moves PEM away from A ≡ 0.5 at the paper's SGD lr 1e-3.  (Dividing it by d·h·w left A at
+    0.5 ± 0.04 after 15 rounds, so every swapped "positive" was half another identity;
+    benchmarks/RESULTS.md, PEM experiments.)
     """
     zero = features.sum() * 0.0
     pose = cycle = zero
@@ -164,7 +202,7 @@ def pem_losses(pem: PoseExtractionModule, features: torch.Tensor, labels: torch.
         pose = config.pem_pose_weight * pose_distillation_loss(z, plus, labels, valid, use_mask=config.pem_mask)
     if config.pem_variant in USES_SCM:
         delta = swap_partners(labels, z, config.pem_partner == "hard", generator, valid)
-        cycle = config.pem_cycle_weight * cycle_consistency_loss(pem, features, delta) / features[0].numel()
+        cycle = config.pem_cycle_weight * cycle_consistency_loss(pem, features, delta)
     return {"pose": pose, "cycle": cycle}
 
 

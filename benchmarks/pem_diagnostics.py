@@ -1,0 +1,121 @@
+"""What a trained PEM does to features: is F⁺ pose, is F⁻ identity, do swapped positives keep their identity?
+
+Loads the final global model of a PEM run (backbone + BNNeck + PEM, ``checkpoint.pt``) and, on the
+test split (query + gallery) with its pose vectors, measures:
+
+- ``attention``: mean and spread of the channel attention A (the share of F routed to F⁺);
+- ``pose_corr_*``: Pearson correlation, over pairs of different identities with valid poses, between
+  the pose similarity S_z and the cosine similarity of F, F⁺ and F⁻ (PKD asks for high corr of F⁺);
+- ``mAP_*``: retrieval mAP with F, F⁻ and F⁺ (pooled, before the BNNeck; cosine);
+- ``swap_*``: for every image i and a random image δ(i) of another identity, the synthetic positive
+  F⁻_i + F⁺_δ(i): its cosine to F_i, and whether its nearest identity centroid (mean F per identity
+  of the test split) is i's (``swap_keeps_id``) or δ(i)'s (``swap_takes_partner_id``).  Stage 3 trains
+  with these as positives of i, so a low ``swap_keeps_id`` means noisy positives.
+
+Usage:
+  python benchmarks/pem_diagnostics.py --run-config "..." --checkpoint OUT/checkpoint.pt [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.config import load_config, parse_run_config
+from common.data.loading import load_dataset, test_loader
+from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
+from common.evaluation import evaluate_features
+from common.methods import get_method
+from common.methods.pem import pose_file
+from common.models.pem import swap_partners
+
+
+@torch.inference_mode()
+def pooled_parts(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features F (N, d) and attention A (N, d) of every test image, in loader order."""
+    features, attention = [], []
+    for images, *_ in loader:
+        pooled = model.pool(model.backbone(images))
+        features.append(pooled)
+        attention.append(model.pem(pooled))
+    return torch.cat(features), torch.cat(attention)
+
+
+def pose_correlations(z: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor,
+                      parts: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Pearson corr of S_z with each part's cosine-similarity matrix, over valid different-identity pairs."""
+    zn = F.normalize(z, dim=1)
+    mask = valid[:, None] & valid[None, :] & (pids[:, None] != pids[None, :])
+    target = (zn @ zn.t())[mask]
+    out = {}
+    for name, x in parts.items():
+        xn = F.normalize(x, dim=1)
+        sim = (xn @ xn.t())[mask]
+        out[f"pose_corr_{name}"] = float(torch.corrcoef(torch.stack([target, sim]))[0, 1])
+    return out
+
+
+def swap_statistics(features: torch.Tensor, attention: torch.Tensor, pids: torch.Tensor, seed: int) -> dict[str, float]:
+    """Where the synthetic positives F⁻_i + F⁺_δ(i) land relative to the identity centroids."""
+    generator = torch.Generator().manual_seed(seed)
+    delta = swap_partners(pids, generator=generator)
+    plus, minus = attention * features, (1 - attention) * features
+    swapped = minus + plus[delta]
+    ids, index = torch.unique(pids, return_inverse=True)
+    centroids = torch.zeros(len(ids), features.shape[1]).index_add_(0, index, F.normalize(features, dim=1))
+    nearest = (F.normalize(swapped, dim=1) @ F.normalize(centroids, dim=1).t()).argmax(dim=1)
+    return {
+        "swap_cosine_to_anchor": float(F.cosine_similarity(swapped, features).mean()),
+        "swap_keeps_id": float((nearest == index).float().mean()),
+        "swap_takes_partner_id": float((nearest == index[delta]).float().mean()),
+        "anchor_keeps_id": float(((F.normalize(features, dim=1) @ F.normalize(centroids, dim=1).t()).argmax(1)
+                                  == index).float().mean()),
+    }
+
+
+def diagnose(run_config: str, checkpoint: Path) -> dict[str, float]:
+    config = load_config(parse_run_config(run_config))
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = get_method("pem").global_model(config, state["model"]).eval()
+    dataset = load_dataset(config)
+    records = dataset.query + dataset.gallery
+    features, attention = pooled_parts(model, test_loader(records, config))
+    table = load_pose_file(pose_file(config, dataset.root))
+    z, valid = dataset_pose_vectors(table, [dataset.relative(r) for r in records],
+                                    read_image_sizes([r.path for r in records]),
+                                    min_score=config.pem_min_keypoint_score)
+    pids = torch.as_tensor([r.pid for r in records])
+    camids = np.asarray([r.camid for r in records])
+    parts = {"F": features, "Fminus": (1 - attention) * features, "Fplus": attention * features}
+    nq = len(dataset.query)
+    result = {"round": state.get("round"), "images": len(records), "valid_pose": float(np.mean(valid)),
+              "attention_mean": float(attention.mean()), "attention_channel_std": float(attention.mean(0).std()),
+              "attention_image_std": float(attention.std(0).mean())}
+    result.update(pose_correlations(torch.from_numpy(z), torch.from_numpy(valid), pids, parts))
+    for name, x in parts.items():
+        metrics = evaluate_features(x[:nq], x[nq:], pids[:nq].numpy(), pids[nq:].numpy(), camids[:nq], camids[nq:])
+        result[f"mAP_{name}"] = float(metrics["mAP"])
+    result.update(swap_statistics(features, attention, pids, config.seed))
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-config", required=True, help="the run's config (key=value pairs)")
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    result = diagnose(args.run_config, args.checkpoint)
+    print(json.dumps(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
