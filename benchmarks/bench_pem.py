@@ -2,6 +2,7 @@
 parameters / bytes a client sends and receives per round.
 
 Usage: python benchmarks/bench_pem.py [--backbone resnet18] [--height 64 --width 32] [--repeats 2]
+                                     [--run-config "local-epochs=2 pretrained='imagenet'"]
 Prints one JSON object per case.
 """
 
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from common.config import load_config
+from common.config import load_config, parse_run_config
 from common.data.loading import load_dataset
 from common.data.partition import partition_by_camera
 from common.engine import resolve_device
@@ -64,16 +65,18 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=64)
     parser.add_argument("--width", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--run-config", default="", help="further run-config overrides (key=value pairs)")
     args = parser.parse_args()
     for method_name in ("fedavg", "pem"):
         print(json.dumps(communication(method_name, "resnet50")), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         settings = {"backbone": args.backbone, "height": args.height, "width": args.width, "pad": 4,
                     "batch-size": 32, "warmup-epochs": 0, "lr-steps": "", "device": "cpu",
-                    "cache-dir": f"{tmp}/cache", "output-dir": f"{tmp}/out"}
+                    "cache-dir": f"{tmp}/cache", "output-dir": f"{tmp}/out", **parse_run_config(args.run_config)}
         times = alternating_round_seconds(settings, args.repeats)
         fedavg, pem = times["fedavg"], times["pem"]
     print(json.dumps({"case": "local_round", "backbone": args.backbone, "input": f"{args.height}x{args.width}",
+                      "overrides": args.run_config,
                       "threads": torch.get_num_threads(), "fedavg_s": [round(t, 2) for t in fedavg],
                       "pem_s": [round(t, 2) for t in pem],
                       "pem_over_fedavg": round(statistics.median(pem) / statistics.median(fedavg), 2)}), flush=True)

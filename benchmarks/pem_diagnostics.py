@@ -7,6 +7,9 @@ test split (query + gallery) with its pose vectors, measures:
 - ``pose_corr_*``: Pearson correlation, over pairs of different identities with valid poses, between
   the pose similarity S_z and the cosine similarity of F, F⁺ and F⁻ (PKD asks for high corr of F⁺);
 - ``mAP_*``: retrieval mAP with F, F⁻ and F⁺ (pooled, before the BNNeck; cosine);
+- ``train_pose_spread``: the std of S_z over pairs of different identities within one camera of the
+  training split, averaged over cameras: the signal PKD gets (swap partners and PKD pairs are always
+  from the same camera), against ``train_pose_spread_all`` over all cameras together;
 - ``swap_*``: for every image i and a random image δ(i) of another identity, the synthetic positive
   F⁻_i + F⁺_δ(i): its cosine to F_i, and whether its nearest identity centroid (mean F per identity
   of the test split) is i's (``swap_keeps_id``) or δ(i)'s (``swap_takes_partner_id``).  Stage 3 trains
@@ -60,6 +63,28 @@ def pose_correlations(z: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor,
     return out
 
 
+def pose_spread(z: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor) -> dict[str, float]:
+    """Std of pose cosine similarity over valid different-identity pairs: per camera (mean) and overall."""
+    zn = F.normalize(z, dim=1)
+
+    def spread(rows: torch.Tensor) -> float:
+        rows = rows[valid[rows]]
+        pairs = pids[rows][:, None] != pids[rows][None, :]
+        return float((zn[rows] @ zn[rows].t())[pairs].std())
+
+    cameras = [spread(torch.nonzero(camids == c).flatten()) for c in torch.unique(camids)]
+    return {"train_pose_spread": float(np.mean(cameras)), "train_pose_spread_all": spread(torch.arange(len(z)))}
+
+
+def record_poses(config, dataset, records) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pose vectors (N, 34) and validity (N,) of ``records`` from the configured pose file."""
+    table = load_pose_file(pose_file(config, dataset.root))
+    z, valid = dataset_pose_vectors(table, [dataset.relative(r) for r in records],
+                                    read_image_sizes([r.path for r in records]),
+                                    min_score=config.pem_min_keypoint_score)
+    return torch.from_numpy(z), torch.from_numpy(valid)
+
+
 def swap_statistics(features: torch.Tensor, attention: torch.Tensor, pids: torch.Tensor, seed: int) -> dict[str, float]:
     """Where the synthetic positives F⁻_i + F⁺_δ(i) land relative to the identity centroids."""
     generator = torch.Generator().manual_seed(seed)
@@ -85,22 +110,22 @@ def diagnose(run_config: str, checkpoint: Path) -> dict[str, float]:
     dataset = load_dataset(config)
     records = dataset.query + dataset.gallery
     features, attention = pooled_parts(model, test_loader(records, config))
-    table = load_pose_file(pose_file(config, dataset.root))
-    z, valid = dataset_pose_vectors(table, [dataset.relative(r) for r in records],
-                                    read_image_sizes([r.path for r in records]),
-                                    min_score=config.pem_min_keypoint_score)
+    z, valid = record_poses(config, dataset, records)
     pids = torch.as_tensor([r.pid for r in records])
     camids = np.asarray([r.camid for r in records])
     parts = {"F": features, "Fminus": (1 - attention) * features, "Fplus": attention * features}
     nq = len(dataset.query)
-    result = {"round": state.get("round"), "images": len(records), "valid_pose": float(np.mean(valid)),
+    result = {"round": state.get("round"), "images": len(records), "valid_pose": float(valid.float().mean()),
               "attention_mean": float(attention.mean()), "attention_channel_std": float(attention.mean(0).std()),
               "attention_image_std": float(attention.std(0).mean())}
-    result.update(pose_correlations(torch.from_numpy(z), torch.from_numpy(valid), pids, parts))
+    result.update(pose_correlations(z, valid, pids, parts))
     for name, x in parts.items():
         metrics = evaluate_features(x[:nq], x[nq:], pids[:nq].numpy(), pids[nq:].numpy(), camids[:nq], camids[nq:])
         result[f"mAP_{name}"] = float(metrics["mAP"])
     result.update(swap_statistics(features, attention, pids, config.seed))
+    train_z, train_valid = record_poses(config, dataset, dataset.train)
+    result.update(pose_spread(train_z, train_valid, torch.as_tensor([r.pid for r in dataset.train]),
+                              torch.as_tensor([r.camid for r in dataset.train])))
     return result
 
 
