@@ -15,7 +15,7 @@ def _cmd_synth(args) -> None:
     from common.data.synthetic import generate_synthetic
 
     root = generate_synthetic(Path(args.out), num_ids=args.ids, num_cameras=args.cameras, seed=args.seed,
-                              height=args.height, width=args.width)
+                              height=args.height, width=args.width, pose_band=args.pose_band)
     _print_partition(root)
 
 
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--height", type=int, default=128)
     synth.add_argument("--width", type=int, default=64)
+    synth.add_argument("--pose-band", type=float, default=1.0,
+                       help="widen every camera's pose band by this factor (viewpoint and gait spread)")
     synth.set_defaults(func=_cmd_synth)
 
     dev = sub.add_parser("split-dev", help="make a Market-style train/query/gallery split of the dev tar")

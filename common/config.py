@@ -51,6 +51,7 @@ class Config:
     synth_ids: int = 48
     synth_cameras: int = 4
     synth_seed: int = 0
+    synth_pose_band: float = 1.0  # widens every synthetic camera's pose band (viewpoint and gait spread)
     pose_file: str = ""  # interchange .npz (METHODS.md §3); empty = <data_dir>/poses.npz if present
     height: int = 256
     width: int = 128
@@ -147,6 +148,8 @@ class Config:
             raise ConfigError(
                 f"config key 'batch-size' ({self.batch_size}) must be a multiple of 'num-instances' ({self.num_instances})"
             )
+        if not 0.0 < self.synth_pose_band <= 30.0:
+            raise ConfigError(f"config key 'synth-pose-band' must be in (0, 30], got {self.synth_pose_band}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}")
         for name in ("flip_prob", "random_erasing", "label_smoothing"):

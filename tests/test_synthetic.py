@@ -17,7 +17,7 @@ from common.data.pose import load_pose_file
 from common.data.readers import read_market1501
 from common.data.synthetic import (SPLIT_FOLDERS, ensure_synthetic, generate_synthetic, plan, render_spec,
                                    sample_camera, sample_person, synthetic_dir_name, synthetic_matches,
-                                   visible_traits)
+                                   synthetic_params, visible_traits)
 
 MARKET = re.compile(r"([-\d]+)_c(\d)")
 TINY = dict(num_ids=8, num_cameras=3, seed=0, height=64, width=32, images_per_id_per_camera=(2, 3),
@@ -238,3 +238,15 @@ def test_existing_folder_needs_overwrite(tiny, tmp_path):
         _generate(target)
     assert _generate(target, overwrite=True) == target
     assert _images(target) == _images(tiny)
+
+
+def test_pose_band_widens_each_cameras_viewpoint_spread_only(tmp_path):
+    narrow, wide = sample_camera(0, 2, 4), sample_camera(0, 2, 4, 8.0)
+    assert wide.yaw_std == pytest.approx(8.0 * narrow.yaw_std)
+    assert wide.phase_halfwidth == pytest.approx(min(np.pi, 8.0 * narrow.phase_halfwidth))
+    assert (wide.yaw, wide.gain, wide.cast, wide.jpeg_quality) == (narrow.yaw, narrow.gain, narrow.cast,
+                                                                   narrow.jpeg_quality)
+    # the stored parameters tell the two datasets apart, so a cache never mixes them up
+    assert synthetic_dir_name(**TINY) != synthetic_dir_name(**TINY, pose_band=8.0)
+    with pytest.raises(ValueError, match="pose_band"):
+        synthetic_params(**TINY, pose_band=0.0)

@@ -24,8 +24,8 @@ def dataset_root(config: Config) -> Path:
         raise ConfigError(f"config key 'data-dir' is required for dataset '{config.dataset}'")
     from common.data.synthetic import ensure_synthetic
 
-    return ensure_synthetic(Path(config.cache_dir), num_ids=config.synth_ids,
-                            num_cameras=config.synth_cameras, seed=config.synth_seed)
+    return ensure_synthetic(Path(config.cache_dir), num_ids=config.synth_ids, num_cameras=config.synth_cameras,
+                            seed=config.synth_seed, pose_band=config.synth_pose_band)
 
 
 def load_dataset(config: Config) -> ReIDDataset:

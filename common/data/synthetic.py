@@ -174,14 +174,18 @@ class Camera:
 
 
 @lru_cache(maxsize=256)
-def sample_camera(seed: int, cam: int, num_cameras: int) -> Camera:
-    """Camera ``cam`` (1-based); viewpoint centres are spread evenly round the person."""
+def sample_camera(seed: int, cam: int, num_cameras: int, pose_band: float = 1.0) -> Camera:
+    """Camera ``cam`` (1-based); viewpoint centres are spread evenly round the person.
+
+    ``pose_band`` widens every camera's pose band: it multiplies the viewpoint spread (yaw std,
+    0.08–0.16 rad at 1) and the gait-phase half-width (0.2–0.35 rad at 1, capped at π); all other
+    camera properties are unchanged."""
     rng = _rng(seed, _CAMERA, cam)
     return Camera(
         yaw=2 * math.pi * (cam - 1) / num_cameras + float(rng.uniform(-0.15, 0.15)),
-        yaw_std=float(rng.uniform(0.08, 0.16)),
+        yaw_std=pose_band * float(rng.uniform(0.08, 0.16)),
         phase=float(rng.uniform(0, 2 * math.pi)),
-        phase_halfwidth=float(rng.uniform(0.2, 0.35)),
+        phase_halfwidth=min(math.pi, pose_band * float(rng.uniform(0.2, 0.35))),
         stride=float(rng.uniform(0.12, 0.45)),
         arm_swing=float(rng.uniform(0.1, 0.5)),
         lean=float(rng.uniform(-0.04, 0.12)),
@@ -572,11 +576,11 @@ def plan(num_ids: int, num_cameras: int, seed: int, per_camera: tuple[int, int],
     return specs
 
 
-def render_spec(spec: ImageSpec, seed: int, num_cameras: int, height: int,
-                width: int) -> tuple[Image.Image, np.ndarray, np.ndarray]:
+def render_spec(spec: ImageSpec, seed: int, num_cameras: int, height: int, width: int,
+                pose_band: float = 1.0) -> tuple[Image.Image, np.ndarray, np.ndarray]:
     """Render one planned image (see :func:`render`)."""
     person = sample_distractor(seed, spec.index) if spec.pid == 0 else sample_person(seed, spec.pid)
-    camera = sample_camera(seed, spec.cam, num_cameras)
+    camera = sample_camera(seed, spec.cam, num_cameras, pose_band)
     rng = _rng(seed, _IMAGE, spec.pid, spec.cam, spec.index)
     return render(person, camera, sample_pose(camera, rng), rng, seed, spec.cam, height, width)
 
@@ -586,8 +590,9 @@ def render_spec(spec: ImageSpec, seed: int, num_cameras: int, height: int,
 
 def synthetic_params(num_ids: int = 48, num_cameras: int = 4, seed: int = 0, height: int = 128, width: int = 64,
                      images_per_id_per_camera: tuple[int, int] = (4, 8), query_fraction: float = 1.0,
-                     num_distractors: int | None = None) -> dict:
-    """Validated generation parameters as stored in ``synthetic.json`` (distractors default num_ids//4)."""
+                     num_distractors: int | None = None, pose_band: float = 1.0) -> dict:
+    """Validated generation parameters as stored in ``synthetic.json`` (distractors default num_ids//4;
+    ``pose_band``: see :func:`sample_camera`)."""
     lo, hi = (int(v) for v in images_per_id_per_camera)
     checks = (
         (2 <= num_cameras <= MAX_CAMERAS, f"num_cameras must be in 2..{MAX_CAMERAS} (Market names hold one "
@@ -598,6 +603,7 @@ def synthetic_params(num_ids: int = 48, num_cameras: int = 4, seed: int = 0, hei
         (2 <= lo <= hi <= 99, f"images_per_id_per_camera must satisfy 2 <= lo <= hi <= 99, got {(lo, hi)}"),
         (0 < query_fraction <= 1, f"query_fraction must be in (0, 1], got {query_fraction}"),
         (num_distractors is None or num_distractors >= 0, f"num_distractors must be >= 0, got {num_distractors}"),
+        (0 < pose_band <= 30, f"pose_band must be in (0, 30], got {pose_band}"),
     )
     for ok, message in checks:
         if not ok:
@@ -607,13 +613,14 @@ def synthetic_params(num_ids: int = 48, num_cameras: int = 4, seed: int = 0, hei
         "height": int(height), "width": int(width), "images_per_id_per_camera": [lo, hi],
         "query_fraction": float(query_fraction),
         "num_distractors": int(num_ids // 4 if num_distractors is None else num_distractors),
+        "pose_band": float(pose_band),
     }
 
 
 def generate_synthetic(out_dir: str | Path, num_ids: int = 48, num_cameras: int = 4, seed: int = 0,
                        height: int = 128, width: int = 64, images_per_id_per_camera: tuple[int, int] = (4, 8),
                        query_fraction: float = 1.0, num_distractors: int | None = None, progress: bool = True,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, pose_band: float = 1.0) -> Path:
     """Write a Market-layout dataset with ``poses.npz`` and ``synthetic.json`` to ``out_dir``; return it.
 
     Images are generated in a temporary sibling folder that is renamed into place at the end, so an
@@ -621,7 +628,7 @@ def generate_synthetic(out_dir: str | Path, num_ids: int = 48, num_cameras: int 
     ``FileExistsError`` unless ``overwrite``.
     """
     params = synthetic_params(num_ids, num_cameras, seed, height, width, images_per_id_per_camera,
-                              query_fraction, num_distractors)
+                              query_fraction, num_distractors, pose_band)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"synthetic dataset folder already exists: {out_dir}")
@@ -646,8 +653,8 @@ def _write_images(root: Path, params: dict, progress: bool) -> dict:
     scores = np.zeros((len(specs), NUM_KEYPOINTS), np.float32)
     for i, spec in enumerate(_progress(specs, progress)):
         image, keypoints[i], scores[i] = render_spec(spec, params["seed"], params["num_cameras"],
-                                                     params["height"], params["width"])
-        quality = sample_camera(params["seed"], spec.cam, params["num_cameras"]).jpeg_quality
+                                                     params["height"], params["width"], params["pose_band"])
+        quality = sample_camera(params["seed"], spec.cam, params["num_cameras"], params["pose_band"]).jpeg_quality
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=quality)
         (root / spec.relpath).write_bytes(buffer.getvalue())
