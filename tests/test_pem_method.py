@@ -101,3 +101,20 @@ def test_pem_losses_weight_the_papers_loss_terms(tiny_run_config):
     delta = swap_partners(labels, z, False, torch.Generator().manual_seed(1), valid)
     assert torch.allclose(terms["cycle"], 2.0 * cycle_consistency_loss(pem, features, delta))
     assert torch.allclose(terms["pose"], 3.0 * pose_distillation_loss(z, pem.decouple(features)[0], labels, valid))
+
+
+def test_pem_epochs_reuse_the_frozen_maps_of_one_pass(tiny_run_config, monkeypatch):
+    """Stage 2 runs the frozen networks once over the camera, however many PEM epochs it trains."""
+    from common.methods import pem as pem_module
+
+    config = load_config({**tiny_run_config, "method": "pem", "pem-variant": "full", "pem-epochs": 3})
+    calls = []
+    original = pem_module.frozen_maps
+    monkeypatch.setattr(pem_module, "frozen_maps", lambda networks, job: calls.append(len(networks))
+                        or original(networks, job))
+    method = get_method("pem")
+    result = method.local_round(_job(config, method.initial_shared_state(config)))
+    assert calls == [2]  # expert + local-global model (CR), once
+    assert 0.0 <= result.metrics["pem_attention_std"] <= 0.5
+    maps = original([method.shared_model(config).eval()], _job(config, method.initial_shared_state(config)))
+    assert maps[0].dtype == torch.float16 and maps[0].shape[0] == len(_job(config, {}).partition.records)
