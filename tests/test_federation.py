@@ -347,3 +347,16 @@ def test_resume_without_checkpoint_or_with_another_method_is_an_error(tiny_run_c
     with pytest.raises(ConfigError, match="fedprox"):
         run_federation(InProcessGrid(client_app, 3, tiny_run_config), load_config({**tiny_run_config, "resume": True}))
 
+
+
+def test_node_dataset_cache_keys_on_every_data_setting(tiny_run_config):
+    """Clients cache datasets per process: a setting missing from the key would silently reuse another dataset."""
+    import dataclasses
+
+    from common.data.loading import DATASET_FIELDS
+
+    assert {f.name for f in dataclasses.fields(Config) if f.name.startswith("synth_")} <= set(DATASET_FIELDS)
+    narrow = load_node_dataset(load_config(tiny_run_config))
+    wide = load_node_dataset(load_config({**tiny_run_config, "synth-pose-band": 12.0}))
+    assert narrow.root != wide.root
+    assert json.loads((wide.root / "synthetic.json").read_text())["params"]["pose_band"] == 12.0

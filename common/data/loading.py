@@ -13,6 +13,10 @@ from common.data.records import ImageRecord, ReIDDataset
 from common.data.transforms import build_transforms
 
 
+DATASET_FIELDS = ("dataset", "data_dir", "cache_dir", "synth_ids", "synth_cameras", "synth_seed", "synth_pose_band")
+"""The Config fields ``load_dataset`` reads: configs equal on these load the same dataset (a cache key)."""
+
+
 def dataset_root(config: Config) -> Path:
     """The dataset folder; for ``synthetic`` without ``data-dir`` it is generated (once) in the cache."""
     if config.data_dir:

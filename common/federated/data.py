@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator
 
 from common.config import Config, ConfigError
-from common.data.loading import load_dataset
+from common.data.loading import DATASET_FIELDS, load_dataset
 from common.data.partition import CameraPartition, partition_by_camera
 from common.data.records import ReIDDataset
 
@@ -38,17 +38,15 @@ def cache_lock(cache_dir: str) -> Iterator[None]:
 def load_node_dataset(config: Config) -> ReIDDataset:
     """``load_dataset`` under the cache lock when the data is generated, so concurrent clients build it once."""
     config = with_absolute_paths(config)
-    return _load_cached(config.dataset, config.data_dir, config.cache_dir, config.synth_ids,
-                        config.synth_cameras, config.synth_seed)
+    return _load_cached(tuple(getattr(config, name) for name in DATASET_FIELDS))
 
 
 @lru_cache(maxsize=4)
-def _load_cached(dataset: str, data_dir: str, cache_dir: str, synth_ids: int, synth_cameras: int,
-                 synth_seed: int) -> ReIDDataset:
-    config = Config(dataset=dataset, data_dir=data_dir, cache_dir=cache_dir, synth_ids=synth_ids,
-                    synth_cameras=synth_cameras, synth_seed=synth_seed)
-    if dataset == "synthetic" and not data_dir:
-        with cache_lock(cache_dir):
+def _load_cached(key: tuple) -> ReIDDataset:
+    """The dataset of the ``DATASET_FIELDS`` values ``key``."""
+    config = Config(**dict(zip(DATASET_FIELDS, key)))
+    if config.dataset == "synthetic" and not config.data_dir:
+        with cache_lock(config.cache_dir):
             return load_dataset(config)
     return load_dataset(config)
 
