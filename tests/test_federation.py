@@ -348,7 +348,6 @@ def test_resume_without_checkpoint_or_with_another_method_is_an_error(tiny_run_c
         run_federation(InProcessGrid(client_app, 3, tiny_run_config), load_config({**tiny_run_config, "resume": True}))
 
 
-
 def test_node_dataset_cache_keys_on_every_data_setting(tiny_run_config):
     """Clients cache datasets per process: a setting missing from the key would silently reuse another dataset."""
     import dataclasses

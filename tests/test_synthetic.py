@@ -240,7 +240,7 @@ def test_existing_folder_needs_overwrite(tiny, tmp_path):
     assert _images(target) == _images(tiny)
 
 
-def test_pose_band_widens_each_cameras_viewpoint_spread_only(tmp_path):
+def test_pose_band_widens_each_cameras_viewpoint_spread_only():
     narrow, wide = sample_camera(0, 2, 4), sample_camera(0, 2, 4, 8.0)
     assert wide.yaw_std == pytest.approx(8.0 * narrow.yaw_std)
     assert wide.phase_halfwidth == pytest.approx(min(np.pi, 8.0 * narrow.phase_halfwidth))
