@@ -31,22 +31,16 @@ import torch.nn.functional as F
 
 from common.config import load_config, parse_run_config
 from common.data.loading import load_dataset, test_loader
-from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
 from common.evaluation import evaluate_features
 from common.methods import get_method
-from common.methods.pem import pose_file
-from common.models.pem import swap_partners
+from common.methods.pem import pose_file, record_pose_vectors
+from common.models.pem import recombine, swap_partners
 
 
 @torch.inference_mode()
-def pooled_parts(model, loader) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features F (N, d) and attention A (N, d) of every test image, in loader order."""
-    features, attention = [], []
-    for images, *_ in loader:
-        pooled = model.pool(model.backbone(images))
-        features.append(pooled)
-        attention.append(model.pem(pooled))
-    return torch.cat(features), torch.cat(attention)
+def pooled_features(model, loader) -> torch.Tensor:
+    """Pooled backbone features F (N, d) of every test image, in loader order."""
+    return torch.cat([model.pool(model.backbone(images)) for images, *_ in loader])
 
 
 def pose_correlations(z: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor,
@@ -76,21 +70,11 @@ def pose_spread(z: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor, camids
     return {"train_pose_spread": float(np.mean(cameras)), "train_pose_spread_all": spread(torch.arange(len(z)))}
 
 
-def record_poses(config, dataset, records) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pose vectors (N, 34) and validity (N,) of ``records`` from the configured pose file."""
-    table = load_pose_file(pose_file(config, dataset.root))
-    z, valid = dataset_pose_vectors(table, [dataset.relative(r) for r in records],
-                                    read_image_sizes([r.path for r in records]),
-                                    min_score=config.pem_min_keypoint_score)
-    return torch.from_numpy(z), torch.from_numpy(valid)
-
-
-def swap_statistics(features: torch.Tensor, attention: torch.Tensor, pids: torch.Tensor, seed: int) -> dict[str, float]:
+def swap_statistics(features: torch.Tensor, plus: torch.Tensor, minus: torch.Tensor, pids: torch.Tensor,
+                    seed: int) -> dict[str, float]:
     """Where the synthetic positives F⁻_i + F⁺_δ(i) land relative to the identity centroids."""
-    generator = torch.Generator().manual_seed(seed)
-    delta = swap_partners(pids, generator=generator)
-    plus, minus = attention * features, (1 - attention) * features
-    swapped = minus + plus[delta]
+    delta = swap_partners(pids, generator=torch.Generator().manual_seed(seed))
+    swapped = recombine(minus, plus[delta])
     ids, index = torch.unique(pids, return_inverse=True)
     centroids = torch.zeros(len(ids), features.shape[1]).index_add_(0, index, F.normalize(features, dim=1))
     nearest = (F.normalize(swapped, dim=1) @ F.normalize(centroids, dim=1).t()).argmax(dim=1)
@@ -109,11 +93,14 @@ def diagnose(run_config: str, checkpoint: Path) -> dict[str, float]:
     model = get_method("pem").global_model(config, state["model"]).eval()
     dataset = load_dataset(config)
     records = dataset.query + dataset.gallery
-    features, attention = pooled_parts(model, test_loader(records, config))
-    z, valid = record_poses(config, dataset, records)
+    features = pooled_features(model, test_loader(records, config))
+    attention = model.pem(features)
+    plus, minus = model.pem.decouple(features)
+    path = pose_file(config, dataset.root)
+    z, valid = record_pose_vectors(config, path, records, dataset.root)
     pids = torch.as_tensor([r.pid for r in records])
     camids = np.asarray([r.camid for r in records])
-    parts = {"F": features, "Fminus": (1 - attention) * features, "Fplus": attention * features}
+    parts = {"F": features, "Fminus": minus, "Fplus": plus}
     nq = len(dataset.query)
     result = {"round": state.get("round"), "images": len(records), "valid_pose": float(valid.float().mean()),
               "attention_mean": float(attention.mean()), "attention_channel_std": float(attention.mean(0).std()),
@@ -122,8 +109,8 @@ def diagnose(run_config: str, checkpoint: Path) -> dict[str, float]:
     for name, x in parts.items():
         metrics = evaluate_features(x[:nq], x[nq:], pids[:nq].numpy(), pids[nq:].numpy(), camids[:nq], camids[nq:])
         result[f"mAP_{name}"] = float(metrics["mAP"])
-    result.update(swap_statistics(features, attention, pids, config.seed))
-    train_z, train_valid = record_poses(config, dataset, dataset.train)
+    result.update(swap_statistics(features, plus, minus, pids, config.seed))
+    train_z, train_valid = record_pose_vectors(config, path, dataset.train, dataset.root)
     result.update(pose_spread(train_z, train_valid, torch.as_tensor([r.pid for r in dataset.train]),
                               torch.as_tensor([r.camid for r in dataset.train])))
     return result

@@ -47,13 +47,18 @@ class PoseVectors:
         path = pose_file(job.config, job.data_root)
         key = (str(path), job.partition.camid)
         if key not in cls._cache:
-            records = job.partition.records
-            root = job.data_root
-            relative = [Path(r.path).relative_to(root).as_posix() if root else Path(r.path).name for r in records]
-            vectors, valid = dataset_pose_vectors(load_pose_file(path), relative, read_image_sizes(
-                [r.path for r in records]), source=str(path), min_score=job.config.pem_min_keypoint_score)
-            cls._cache[key] = (torch.from_numpy(vectors), torch.from_numpy(valid))
+            cls._cache[key] = record_pose_vectors(job.config, path, job.partition.records, job.data_root)
         return cls._cache[key]
+
+
+def record_pose_vectors(config: Config, path: Path, records: list,
+                        root: Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pose vectors (N, 34) float32 and validity (N,) bool of ``records`` from the pose file ``path``; files are
+    matched by their path relative to ``root`` (by base name without a root)."""
+    relative = [Path(r.path).relative_to(root).as_posix() if root else Path(r.path).name for r in records]
+    vectors, valid = dataset_pose_vectors(load_pose_file(path), relative, read_image_sizes([r.path for r in records]),
+                                          source=str(path), min_score=config.pem_min_keypoint_score)
+    return torch.from_numpy(vectors), torch.from_numpy(valid)
 
 
 def pose_file(config: Config, data_root: Path | None) -> Path:
