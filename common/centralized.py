@@ -3,58 +3,83 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
 
 from common.config import Config
 from common.data.dataset import relabel
-from common.data.loading import load_dataset, train_loader
-from common.engine import (append_jsonl, atomic_save, evaluate_model, learning_rate, make_optimizer,
-                           resolve_device, seed_everything, set_lr, train_epoch, write_config_snapshot)
+from common.data.loading import check_dataset, load_dataset, train_loader
+from common.engine import (append_jsonl, atomic_save, derived_seed, evaluate_model, learning_rate, lr_schedule_lines,
+                           make_optimizer, resolve_device, seed_everything, set_lr, train_epoch,
+                           write_config_snapshot)
 from common.models.reid import build_model
-
-CHECKPOINT = "checkpoint.pt"
+from common.progress import StepProgress
+from common.rundir import (CHECKPOINT, METRICS_FILE, evaluation_missing, is_evaluation_step, keep_records_up_to,
+                           load_weights, open_run)
 
 
 def train_centralized(config: Config) -> list[dict]:
     """Train for ``epochs``, checkpoint every epoch, evaluate every ``eval-every`` epochs and at the end.
 
-    Writes ``output_dir/metrics.jsonl`` (one object per evaluation), ``config.json`` and ``checkpoint.pt``.
-    With ``resume`` it continues from the checkpoint.  Returns the evaluation records of this call.
+    Writes ``output_dir/metrics.jsonl`` (one object per evaluation), ``config.json`` and ``checkpoint.pt``;
+    the output folder follows ``common.rundir.open_run`` (``resume`` continues the run there, ``overwrite``
+    replaces it).  Every epoch is seeded from (``seed``, epoch), so a resumed run equals an uninterrupted
+    one.  Returns the evaluation records of this call.
     """
     output_dir = Path(config.output_dir)
-    seed_everything(config.seed)
-    device = resolve_device(config.device)
+    checkpoint = open_run(config)
     dataset = load_dataset(config)
+    check_dataset(dataset)
+    device = resolve_device(config.device)
+    seed_everything(config.seed)
     labels = relabel(dataset.train)
     model = build_model(config, num_classes=len(labels)).to(device)
     optimizer = make_optimizer(model.parameters(), config)
     scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
-    start_epoch = _restore(output_dir / CHECKPOINT, model, optimizer, config) if config.resume else 0
+    done = _restore(checkpoint, output_dir / CHECKPOINT, model, optimizer, scaler) if checkpoint else 0
+    keep_records_up_to(output_dir / METRICS_FILE, "epoch", done)
     write_config_snapshot(config, output_dir)
-    loader = train_loader(dataset.train, labels, config, seed=config.seed)
+    for line in lr_schedule_lines(config, config.epochs, "epoch"):
+        print(line, flush=True)
     records = []
-    for epoch in range(start_epoch, config.epochs):
+    if evaluation_missing(output_dir, "epoch", done, config.epochs, config.eval_every):
+        records.append(_evaluate(model, dataset, config, device, done, checkpoint.get("train_loss")))
+    elif done >= config.epochs:
+        print(f"{output_dir}: all {config.epochs} epochs are trained and evaluated; nothing to do "
+              "(raise 'epochs' to train on)", flush=True)
+    loader = train_loader(dataset.train, labels, config, seed=config.seed)
+    progress = StepProgress("epoch", config.epochs, start=done)
+    for epoch in range(done, config.epochs):
+        seed_everything(derived_seed(config.seed, epoch))
         loader.sampler.set_epoch(epoch)
         set_lr(optimizer, learning_rate(epoch, config))
+        began = time.monotonic()
         stats = train_epoch(model, loader, optimizer, config, device, scaler, desc=f"epoch {epoch + 1}/{config.epochs}")
+        train_loss = stats.get("ce", 0.0) + stats.get("triplet", 0.0)
         atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "config": config.to_run_config(), "rng": torch.get_rng_state()}, output_dir / CHECKPOINT)
-        if (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs:
-            record = {"epoch": epoch + 1, **evaluate_model(model, dataset, config, device),
-                      "train_loss": stats.get("ce", 0.0) + stats.get("triplet", 0.0)}
-            append_jsonl(output_dir / "metrics.jsonl", record)
-            records.append(record)
-            print(json.dumps(record))
+                     "scaler": scaler.state_dict() if scaler else None, "train_loss": train_loss,
+                     "config": config.to_run_config()}, output_dir / CHECKPOINT)
+        print(progress.line(epoch + 1, {"loss": train_loss, "lr": learning_rate(epoch, config),
+                                        "img/s": stats["num_examples"] / (time.monotonic() - began)}), flush=True)
+        if is_evaluation_step(epoch + 1, config.epochs, config.eval_every):
+            records.append(_evaluate(model, dataset, config, device, epoch + 1, train_loss))
     return records
 
 
-def _restore(path: Path, model, optimizer, config: Config) -> int:
-    if not path.is_file():
-        raise FileNotFoundError(f"resume = true but no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(state["model"])
+def _evaluate(model, dataset, config: Config, device: torch.device, epoch: int, train_loss: float | None) -> dict:
+    """Evaluate after ``epoch`` and append the record to ``metrics.jsonl``."""
+    record = {"epoch": epoch, **evaluate_model(model, dataset, config, device), "train_loss": train_loss}
+    append_jsonl(Path(config.output_dir) / METRICS_FILE, record)
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def _restore(state: dict, path: Path, model, optimizer, scaler) -> int:
+    """Load the checkpoint ``state`` (read from ``path``) into the training objects; returns its epoch."""
+    load_weights(model, state["model"], path)
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     return int(state["epoch"])
