@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -19,8 +20,22 @@ from common.evaluation import evaluate_features, extract_features
 from common.losses import batch_hard_triplet, cross_entropy_smooth
 from common.models.reid import ReIDModel, ReIDOutput
 
-# extra loss term a method adds to CE + triplet: (model, outputs, labels, dataset indices) -> scalar tensor
-ExtraLoss = Callable[[ReIDModel, ReIDOutput, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Batch:
+    """One training batch: ``images`` (B, 3, H, W) normalised and ``labels`` (B,) int64 (the camera's or the
+    dataset's label space) on the training device; ``indices`` (B,) int64 positions in the training records,
+    on the CPU."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+
+
+# a local training objective: (model, its training outputs on the batch, the batch) -> named loss terms
+# (scalar tensors) whose sum is minimised; the default is ``reid_loss`` (CE + triplet)
+Objective = Callable[[ReIDModel, ReIDOutput, Batch], dict[str, torch.Tensor]]
 
 
 def resolve_device(setting: str = "auto") -> torch.device:
@@ -39,6 +54,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_seed(*parts: int) -> int:
+    """A 31-bit seed that depends only on ``parts`` (e.g. the run's seed and an epoch or round number)."""
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0]) & 0x7FFFFFFF
+
+
 def make_optimizer(params, config: Config) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -55,6 +75,21 @@ def learning_rate(step: int, config: Config) -> float:
     return config.lr * factor
 
 
+def lr_schedule_lines(config: Config, steps: int, unit: str) -> list[str]:
+    """What ``learning_rate`` does over ``steps`` epochs or rounds (``unit``), printed when a run starts; a
+    second line warns when the warm-up is not shorter than the run (the lr would never reach ``lr``)."""
+    line = f"lr schedule over {steps} {unit}s: {config.lr:g}"
+    if config.warmup_epochs:
+        line += f" after a linear warm-up from {learning_rate(0, config):g} over {config.warmup_epochs} {unit}s"
+    decays = [step for step in config.lr_step_list if step < steps]
+    if decays:
+        line += f", x{config.lr_gamma:g} from {unit} " + ", ".join(str(step + 1) for step in decays)
+    if config.warmup_epochs < steps:
+        return [line]
+    return [line, f"warning: 'warmup-epochs' ({config.warmup_epochs}) is not shorter than the run ({steps} {unit}s): "
+                  f"the lr never reaches {config.lr:g}; lower 'warmup-epochs'"]
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -67,10 +102,17 @@ def reid_loss(model: ReIDModel, outputs: ReIDOutput, labels: torch.Tensor, confi
     return {"ce": ce, "triplet": tri}
 
 
+def reid_objective(config: Config) -> Objective:
+    """``reid_loss`` as an ``Objective`` (FedAvg's and centralized training's loss)."""
+    return lambda model, outputs, batch: reid_loss(model, outputs, batch.labels, config)
+
+
 def train_epoch(model: ReIDModel, loader, optimizer: torch.optim.Optimizer, config: Config, device: torch.device,
-                scaler: torch.amp.GradScaler | None = None, extra_loss: ExtraLoss | None = None,
+                scaler: torch.amp.GradScaler | None = None, objective: Objective | None = None,
                 desc: str = "train") -> dict[str, float]:
-    """One pass over ``loader`` with CE + triplet (+ ``extra_loss``); returns mean losses and accuracy."""
+    """One pass over ``loader`` minimising ``objective`` (default CE + triplet); returns the mean of each loss
+    term per image and the classifier's accuracy on the real images."""
+    objective = objective or reid_objective(config)
     model.train()
     totals: dict[str, float] = {}
     correct = seen = 0
@@ -79,9 +121,7 @@ def train_epoch(model: ReIDModel, loader, optimizer: torch.optim.Optimizer, conf
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with torch.autocast("cuda") if use_amp else nullcontext():
             outputs = model(images)
-            terms = reid_loss(model, outputs, labels, config)
-            if extra_loss is not None:
-                terms["extra"] = extra_loss(model, outputs, labels, indices)
+            terms = objective(model, outputs, Batch(images, labels, indices))
             loss = sum(terms.values())
         optimizer.zero_grad(set_to_none=True)
         if use_amp:

@@ -19,7 +19,7 @@ import torch.nn as nn
 from common.config import Config
 from common.data.partition import CameraPartition
 from common.engine import seed_everything
-from common.models.reid import build_model
+from common.models.reid import ReIDModel, build_model
 
 StateDict = dict[str, torch.Tensor]
 
@@ -62,19 +62,20 @@ class Method(ABC):
 
     name: ClassVar[str] = ""
 
-    def shared_model(self, config: Config) -> nn.Module:
-        """A fresh module whose ``state_dict()`` is exactly the shared state (default: backbone + BNNeck)."""
+    def shared_model(self, config: Config) -> ReIDModel:
+        """A fresh model whose ``shared_state()`` is exactly the shared state (default: backbone + BNNeck,
+        without frozen stages)."""
         return build_model(config)
 
     def initial_shared_state(self, config: Config) -> StateDict:
         """The server's round-0 weights, seeded by ``config.seed`` (CPU tensors)."""
         seed_everything(config.seed)
-        return {k: v.detach().cpu().clone() for k, v in self.shared_model(config).state_dict().items()}
+        return {k: v.detach().cpu().clone() for k, v in self.shared_model(config).shared_state().items()}
 
-    def global_model(self, config: Config, shared: StateDict) -> nn.Module:
-        """The module the server evaluates: eval-mode forward returns test features (B, D)."""
+    def global_model(self, config: Config, shared: StateDict) -> ReIDModel:
+        """The model the server evaluates: eval-mode forward returns test features (B, D)."""
         model = self.shared_model(config)
-        model.load_state_dict(shared)
+        model.load_shared_state(shared)
         return model
 
     @abstractmethod

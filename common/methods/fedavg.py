@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
 
 from common.data.loading import train_loader
-from common.engine import ExtraLoss, make_optimizer, seed_everything, set_lr, train_epoch
+from common.engine import Objective, make_optimizer, seed_everything, set_lr, train_epoch
 from common.methods import register
 from common.methods.base import LocalJob, LocalResult, Method
 from common.models.reid import ReIDModel
@@ -16,11 +17,11 @@ from common.models.reid import ReIDModel
 @dataclass
 class Preparation:
     """What a method's stages before local training hand over: extra ``private`` state kept on the
-    client, scalar ``metrics``, and an ``extra_loss`` added to CE + triplet on every batch."""
+    client, scalar ``metrics``, and the local ``objective`` (``None``: CE + triplet, FedAvg's)."""
 
     private: dict = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
-    extra_loss: ExtraLoss | None = None
+    objective: Objective | None = None
 
 
 @register("fedavg")
@@ -36,15 +37,16 @@ class FedAvg(Method):
         scaler = torch.amp.GradScaler("cuda") if job.config.amp and job.device.type == "cuda" else None
         loader = train_loader(job.partition.records, job.partition.labels, job.config, seed=job.seed)
         stats: dict[str, float] = {}
+        began = time.perf_counter()
         for epoch in range(job.config.local_epochs):
             loader.sampler.set_epoch(epoch)
-            stats = train_epoch(model, loader, optimizer, job.config, job.device, scaler, extra_loss=prepared.extra_loss,
+            stats = train_epoch(model, loader, optimizer, job.config, job.device, scaler, objective=prepared.objective,
                                 desc=f"camera {job.partition.camid} round {job.server_round}")
         return LocalResult(
             shared={k: v.detach().cpu().clone() for k, v in model.shared_state().items()},
             private={**prepared.private,
                      "classifier": {k: v.detach().cpu().clone() for k, v in model.classifier.state_dict().items()}},
-            metrics={**prepared.metrics, **self.round_metrics(stats)},
+            metrics={**prepared.metrics, **self.round_metrics(stats), "seconds_local": time.perf_counter() - began},
             num_examples=len(job.partition.records),
         )
 
@@ -52,9 +54,7 @@ class FedAvg(Method):
         """Global shared weights + this camera's classifier (a fresh one on its first round), on ``job.device``."""
         model = self.shared_model(job.config)
         model.set_num_classes(job.partition.num_ids)
-        missing, unexpected = model.load_state_dict(job.shared, strict=False)
-        if unexpected or any(not k.startswith("classifier.") for k in missing):
-            raise ValueError(f"global weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        model.load_shared_state(job.shared)
         if "classifier" in job.private:
             model.classifier.load_state_dict(job.private["classifier"])
         return model.to(job.device)

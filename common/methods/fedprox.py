@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from common.engine import reid_loss
 from common.methods import register
 from common.methods.base import LocalJob
 from common.methods.fedavg import FedAvg, Preparation
@@ -24,10 +25,9 @@ class FedProx(FedAvg):
     def prepare(self, job: LocalJob, model: ReIDModel) -> Preparation:
         anchors = {name: job.shared[name].to(job.device) for name, p in model.named_parameters()
                    if p.requires_grad and name in job.shared}
-        mu = job.config.prox_mu
-        return Preparation(extra_loss=lambda m, outputs, labels, indices: proximal_term(m, anchors, mu))
+        config = job.config
 
-    def round_metrics(self, stats: dict[str, float]) -> dict[str, float]:
-        metrics = super().round_metrics(stats)
-        metrics["prox"] = metrics.pop("extra", 0.0)
-        return metrics
+        def objective(m: ReIDModel, outputs, batch) -> dict[str, torch.Tensor]:
+            return {**reid_loss(m, outputs, batch.labels, config), "prox": proximal_term(m, anchors, config.prox_mu)}
+
+        return Preparation(objective=objective)

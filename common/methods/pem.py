@@ -1,11 +1,12 @@
 """PEM: pose-enriched federated-by-camera training (METHODS.md §2).
 
 Per round on camera c:
-  1. the local expert φᵉ_c (kept on the client across rounds) trains on D_c with CE + triplet;
+  1. the local expert φᵉ_c (kept on the client across rounds, with its optimizer state) trains on D_c
+     with CE + triplet;
   2. the PEM π_c trains on feature maps of the frozen expert — and, with CR, of the frozen
      local-global model (= the global ψ at the start of the round) — with L_pose (PKD) + L_cyc (SCM);
-  3. the local-global model φᵍ_c (ψ + the camera's private classifier) trains with CE + triplet on
-     real features plus pose-swapped positives F⁻_i + F⁺_δ(i) made by the (now frozen) PEM.
+  3. the local-global model φᵍ_c (ψ + the camera's private classifier) trains with one CE + triplet
+     objective over real features and pose-swapped positives F⁻_i + F⁺_δ(i) made by the (now fixed) PEM.
 Backbone + BNNeck + PEM are shared (the server averages them); classifiers and the expert stay private.
 
 Variants (config ``pem-variant``): ``baseline`` (stage 3 without swapped features: FedAvg),
@@ -16,16 +17,18 @@ swaps with the most dissimilar pose instead of a random other identity.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from common.config import Config, ConfigError
 from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
 from common.data.dataset import PKSampler
 from common.data.loading import test_loader, train_loader
-from common.engine import make_optimizer, set_lr, train_epoch
+from common.engine import Batch, make_optimizer, set_lr, train_epoch
 from common.losses import batch_hard_triplet, cross_entropy_smooth, cycle_consistency_loss, pose_distillation_loss
 from common.methods import register
 from common.methods.base import LocalJob
@@ -78,7 +81,7 @@ def needs_poses(config: Config) -> bool:
 
 @register("pem")
 class PEM(FedAvg):
-    """FedAvg's local round (stage 3) preceded by the expert (stage 1) and PEM (stage 2) stages."""
+    """FedAvg's local round (stage 3, with pose-swapped positives) after the expert (1) and PEM (2) stages."""
 
     def shared_model(self, config: Config) -> nn.Module:
         model = build_model(config)
@@ -87,37 +90,44 @@ class PEM(FedAvg):
         return model
 
     def prepare(self, job: LocalJob, model: ReIDModel) -> Preparation:
-        """Stages 1 and 2; the expert is returned as private state, and stage 3's extra loss
-        (pose-swapped positives from the then frozen PEM) shares the round's poses and generator."""
+        """Stages 1 and 2; the expert and its optimizer state are returned as private state, and stage 3's
+        objective (pose-swapped positives from the then fixed PEM) shares the round's poses and generator.
+        Metrics include the seconds each stage took (``seconds_expert``, ``seconds_pem_maps``, ``seconds_pem``)."""
         if job.config.pem_variant == "baseline":
             return Preparation()
         poses = PoseVectors.for_job(job) if needs_poses(job.config) else None
         generator = torch.Generator(device=job.device).manual_seed(job.seed)
-        expert = self._train_expert(job)
-        metrics = self._train_pem(job, model, expert, poses, generator)
+        began = time.perf_counter()
+        expert, expert_optimizer = self._train_expert(job)
+        metrics = {"seconds_expert": time.perf_counter() - began}
+        metrics.update(self._train_pem(job, model, expert, poses, generator))
         model.pem.requires_grad_(False)  # stage 3 trains the local-global model only
         return Preparation(
-            private={"expert": {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()}},
+            private={"expert": {k: v.detach().cpu().clone() for k, v in expert.state_dict().items()},
+                     "expert-optimizer": to_cpu(expert_optimizer.state_dict())},
             metrics=metrics,
-            extra_loss=SwapPositives(model.pem, job.config, poses, generator),
+            objective=PoseSwapObjective(model.pem, job.config, poses, generator),
         )
 
-    def _train_expert(self, job: LocalJob) -> ReIDModel:
-        """Stage 1: the camera's expert, restored from private state (or ψ on its first round), trained on D_c."""
+    def _train_expert(self, job: LocalJob) -> tuple[ReIDModel, torch.optim.Optimizer]:
+        """Stage 1: the camera's expert and its optimizer, restored from private state (or ψ and a fresh
+        optimizer on its first round), trained on D_c."""
         config = job.config
         expert = build_model(config, num_classes=job.partition.num_ids)
         if "expert" in job.private:
             expert.load_state_dict(job.private["expert"])
         else:
-            expert.load_state_dict({k: v for k, v in job.shared.items() if not k.startswith("pem.")}, strict=False)
+            expert.load_shared_state({k: v for k, v in job.shared.items() if not k.startswith("pem.")})
         expert.to(job.device)
-        optimizer = make_optimizer(expert.parameters(), config)
+        optimizer = make_optimizer([p for p in expert.parameters() if p.requires_grad], config)
+        if "expert-optimizer" in job.private:
+            optimizer.load_state_dict(job.private["expert-optimizer"])
         set_lr(optimizer, job.lr)
         loader = train_loader(job.partition.records, job.partition.labels, config, seed=job.seed + 1)
         for epoch in range(config.pem_expert_epochs):
             loader.sampler.set_epoch(epoch)
             train_epoch(expert, loader, optimizer, config, job.device, desc=f"camera {job.partition.camid} expert")
-        return expert.eval()
+        return expert.eval(), optimizer
 
     def _train_pem(self, job: LocalJob, model: ReIDModel, expert: ReIDModel, poses,
                    generator: torch.Generator) -> dict[str, float]:
@@ -125,18 +135,20 @@ class PEM(FedAvg):
 
         The maps are computed once per round (``frozen_maps``) and every PEM epoch iterates P×K batches
         over them, so ``pem-epochs`` costs almost nothing beyond the first.  ``poses``: ``PoseVectors.for_job``
-        output or ``None`` when the variant needs none.  Metrics: mean losses of the last PEM epoch and
-        ``pem_attention_std``, the spread of the attention A over channels (0 when PEM routes every
-        channel alike, e.g. A ≡ 0.5 at initialisation)."""
+        output or ``None`` when the variant needs none.  Metrics (last PEM epoch): ``pem_pose`` and
+        ``pem_cycle`` (weighted means), ``pem_grad_ratio`` (‖∇L_cyc‖ / ‖∇L_pose‖ on PEM's weights, first
+        batch of the epoch; 0 without PKD), and the attention's spread (``attention_spread``)."""
         config, device = job.config, job.device
         pem = model.pem.train()
         optimizer = torch.optim.SGD(pem.parameters(), lr=config.pem_lr, momentum=config.momentum)
         networks = [expert] + ([model] if config.pem_variant == "full" else [])
+        began = time.perf_counter()
         maps = frozen_maps(networks, job)
+        metrics = {"seconds_pem_maps": time.perf_counter() - began}
+        began = time.perf_counter()
         labels = torch.as_tensor([job.partition.labels[r.pid] for r in job.partition.records])
         sampler = PKSampler([r.pid for r in job.partition.records], config.batch_size, config.num_instances,
                             seed=job.seed + 2)
-        totals, steps = {}, 0
         for epoch in range(config.pem_epochs):
             sampler.set_epoch(epoch)
             totals, steps = {"pem_pose": 0.0, "pem_cycle": 0.0}, 0
@@ -145,17 +157,56 @@ class PEM(FedAvg):
                 z, valid = batch_poses(poses, indices, device)
                 terms = [pem_losses(pem, m[indices].to(device, torch.float32), batch_labels, z, valid, config,
                                     generator) for m in maps]
-                loss = sum(t["pose"] + t["cycle"] for t in terms)
+                pose, cycle = sum(t["pose"] for t in terms), sum(t["cycle"] for t in terms)
+                if steps == 0:
+                    totals["pem_grad_ratio"] = gradient_ratio(pem, cycle, pose)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                (pose + cycle).backward()
                 optimizer.step()
-                totals["pem_pose"] += sum(t["pose"].item() for t in terms)
-                totals["pem_cycle"] += sum(t["cycle"].item() for t in terms)
+                totals["pem_pose"] += pose.item()
+                totals["pem_cycle"] += cycle.item()
                 steps += 1
+        metrics["seconds_pem"] = time.perf_counter() - began
+        metrics.update({k: v / max(steps, 1) if k != "pem_grad_ratio" else v for k, v in totals.items()})
         with torch.no_grad():
             attention = pem(maps[0].mean(dim=(2, 3)).to(device, torch.float32))
-        metrics = {k: v / max(steps, 1) for k, v in totals.items()}
-        return {**metrics, "pem_attention_std": float(attention.std(dim=1).mean())}
+        return {**metrics, **attention_spread(attention)}
+
+
+def to_cpu(state):
+    """A copy of a (nested) optimizer state dict with every tensor on the CPU (for private state)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu().clone()
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return state
+
+
+def gradient_ratio(pem: PoseExtractionModule, cycle: torch.Tensor, pose: torch.Tensor) -> float:
+    """‖∇_θ cycle‖ / ‖∇_θ pose‖ over PEM's parameters θ (0 when ``pose`` has no gradient, e.g. variant 'scm')."""
+    params = [p for p in pem.parameters() if p.requires_grad]
+
+    def norm(loss: torch.Tensor) -> float:
+        if not loss.requires_grad:
+            return 0.0
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        return float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None)))
+
+    pose_norm = norm(pose)
+    return norm(cycle) / pose_norm if pose_norm > 0 else 0.0
+
+
+def attention_spread(attention: torch.Tensor) -> dict[str, float]:
+    """Spread of PEM's attention A (N, d) in [0, 1] over a camera's images.
+
+    ``pem_attention_std``: std over channels, averaged over images (0 when every channel is split alike,
+    e.g. A ≡ 0.5 at initialisation; 0.5 for a binary channel mask).  ``pem_attention_image_std``: std over
+    images, averaged over channels (0 for a fixed mask that ignores the input; a pose-aware PEM gives
+    different A to different poses)."""
+    return {"pem_attention_std": float(attention.std(dim=1).mean()),
+            "pem_attention_image_std": float(attention.std(dim=0).mean()) if len(attention) > 1 else 0.0}
 
 
 def frozen_maps(networks: list[ReIDModel], job: LocalJob) -> list[torch.Tensor]:
@@ -195,10 +246,15 @@ def pem_losses(pem: PoseExtractionModule, features: torch.Tensor, labels: torch.
                config: Config, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """Weighted L_pose and L_cyc of the configured variant on feature maps (B, d, h, w).
 
-    L_cyc is the paper's per-sample L1 summed over all d·h·w elements, not a mean: its gradient is
-    what moves PEM away from A ≡ 0.5 at the paper's SGD lr 1e-3.  (Dividing it by d·h·w left A at
-    0.5 ± 0.04 after 15 rounds, so every swapped "positive" was half another identity;
-    benchmarks/RESULTS.md, PEM experiments.)
+    Balance of the two terms.  The paper's L_cyc sums the L1 error over all d·h·w elements of a sample,
+    while L_pose is a mean of squared cosine differences in [0, 4]: on Lite0 maps of Market crops at
+    128×64 (1280 × 8 × 4) the summed L_cyc had about 10⁴× the gradient of L_pose on PEM's weights, so
+    SCM alone set A to a fixed binary channel mask within a round and PKD shaped nothing.  L_cyc here is
+    the *relative* L1 error Σ‖F − F^rec‖₁ / Σ‖F‖₁ over the batch's maps (``cycle_consistency_loss`` divided
+    by the batch's mean ‖F_i‖₁, held constant): dimensionless like L_pose and unchanged by the feature
+    scale of a backbone or input size.  With it and both weights 1 the gradient ratio ‖∇L_cyc‖ / ‖∇L_pose‖
+    at initialisation is of order one (measured per round: ``pem_grad_ratio`` in rounds.jsonl;
+    benchmarks/RESULTS.md records the values).
     """
     zero = features.sum() * 0.0
     pose = cycle = zero
@@ -207,25 +263,51 @@ def pem_losses(pem: PoseExtractionModule, features: torch.Tensor, labels: torch.
         pose = config.pem_pose_weight * pose_distillation_loss(z, plus, labels, valid, use_mask=config.pem_mask)
     if config.pem_variant in USES_SCM:
         delta = swap_partners(labels, z, config.pem_partner == "hard", generator, valid)
-        cycle = config.pem_cycle_weight * cycle_consistency_loss(pem, features, delta)
+        scale = features.detach().abs().flatten(1).sum(1).mean().clamp_min(1e-12)
+        cycle = config.pem_cycle_weight * cycle_consistency_loss(pem, features, delta) / scale
     return {"pose": pose, "cycle": cycle}
 
 
-class SwapPositives:
-    """Extra stage-3 loss: CE and triplet with pose-swapped positives F⁻_i + F⁺_δ(i) (PEM frozen)."""
+class PoseSwapObjective:
+    """Stage 3's one objective: label-smoothed CE over [real; swapped] features and one batch-hard triplet
+    in which each anchor's swapped feature F⁻_i + F⁺_δ(i) joins its positives.
+
+    PEM is a fixed function here: the attention A is computed without gradient from the detached map, and
+    the partner's part F⁺_δ(i) is detached, so the swapped positive trains the backbone only through the
+    anchor's own F⁻_i = (1 − A_i) ⊙ F_i.  The swapped features pass the BNNeck with their own batch
+    statistics without updating its running statistics (those, averaged by the server and used at test
+    time, see real features only).  When no anchor has a partner of another identity (or A ≡ 0, so the
+    swap returns F_i) the objective equals FedAvg's CE + triplet exactly.
+    """
 
     def __init__(self, pem: PoseExtractionModule, config: Config, poses, generator: torch.Generator):
         self.pem, self.config, self.poses, self.generator = pem, config, poses, generator
 
-    def __call__(self, model: ReIDModel, outputs: ReIDOutput, labels: torch.Tensor,
-                 indices: torch.Tensor) -> torch.Tensor:
-        config = self.config
-        z, valid = batch_poses(self.poses, indices, labels.device)
-        swap = self.pem.swap(outputs.feature_map, labels, z, config.pem_partner == "hard", self.generator, valid)
-        swapped = model.pool(swap.features)
-        if not swap.paired.any():
-            return swapped.sum() * 0.0
-        ce = cross_entropy_smooth(model.classify(swapped[swap.paired]), labels[swap.paired], config.label_smoothing)
-        tri = batch_hard_triplet(outputs.features, labels, config.triplet_margin, config.triplet_soft_margin,
-                                 positives=swapped)
-        return config.pem_synth_weight * (ce + tri)
+    def __call__(self, model: ReIDModel, outputs: ReIDOutput, batch: Batch) -> dict[str, torch.Tensor]:
+        config, labels = self.config, batch.labels
+        z, valid = batch_poses(self.poses, batch.indices, labels.device)
+        delta = swap_partners(labels, z, config.pem_partner == "hard", self.generator, valid)
+        paired = delta != torch.arange(len(delta), device=delta.device)
+        feature_map = outputs.feature_map
+        with torch.no_grad():
+            attention = self.pem(feature_map.detach().float()).to(feature_map.dtype)
+        swapped_map = (1 - attention) * feature_map + (attention * feature_map).detach()[delta]
+        swapped = model.pool(swapped_map)
+        logits = outputs.logits
+        all_labels = labels
+        if paired.any():
+            logits = torch.cat([logits, model.classifier(batch_norm_without_update(model.bottleneck,
+                                                                                   swapped[paired]))])
+            all_labels = torch.cat([labels, labels[paired]])
+        positives = torch.where(paired[:, None], swapped, outputs.features)
+        return {"ce": cross_entropy_smooth(logits, all_labels, config.label_smoothing),
+                "triplet": batch_hard_triplet(outputs.features, labels, config.triplet_margin,
+                                              config.triplet_soft_margin, positives=positives)}
+
+
+def batch_norm_without_update(bn: nn.BatchNorm1d, features: torch.Tensor) -> torch.Tensor:
+    """``bn`` applied to ``features`` (B, D) with the batch's own statistics, leaving ``bn``'s running
+    statistics untouched (in eval mode: the running statistics, as ``bn`` itself would)."""
+    if not bn.training:
+        return bn(features)
+    return F.batch_norm(features, None, None, bn.weight, bn.bias, training=True, eps=bn.eps)

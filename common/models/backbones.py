@@ -32,6 +32,10 @@ class ResNetBackbone(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.layers(self.stem(images))
 
+    def stage_prefixes(self) -> list[list[str]]:
+        """Parameter-name prefixes of the stages in input order: stem, layer1 … layer4."""
+        return [["stem."]] + [[f"layers.{i}."] for i in range(4)]
+
     def load_imagenet(self) -> None:
         weights = getattr(torchvision.models, self.torchvision_weights).IMAGENET1K_V1
         try:
@@ -106,6 +110,14 @@ class EfficientNetLite0(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.act(self._bn0(self._conv_stem(images)))
         return self.act(self._bn1(self._conv_head(self._blocks(x))))
+
+    def stage_prefixes(self) -> list[list[str]]:
+        """Parameter-name prefixes of the stages in input order: stem, the 7 block stages, head."""
+        stages, first = [["_conv_stem.", "_bn0."]], 0
+        for *_, repeats in LITE0_STAGES:
+            stages.append([f"_blocks.{i}." for i in range(first, first + repeats)])
+            first += repeats
+        return stages + [["_conv_head.", "_bn1."]]
 
     def load_imagenet(self) -> None:
         try:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common.config import Config
+from common.config import Config, ConfigError
 from common.models.backbones import build_backbone
 
 
@@ -33,6 +33,27 @@ class ReIDModel(nn.Module):
         nn.init.zeros_(self.bottleneck.bias)
         self.classifier = self.new_classifier(num_classes) if num_classes else None
         self.neck_feat = neck_feat
+        self.frozen_prefixes: tuple[str, ...] = ()
+
+    def freeze_stages(self, count: int) -> None:
+        """Freeze the backbone's first ``count`` stages (``stage_prefixes``): no gradient, BatchNorm kept in
+        eval mode, and left out of ``shared_state`` (frozen weights are neither trained nor sent)."""
+        stages = self.backbone.stage_prefixes()
+        if not 0 <= count < len(stages):
+            raise ConfigError(f"config key 'freeze-stages' = {count}: the backbone has {len(stages)} stages, "
+                              f"so it must be in [0, {len(stages) - 1}]")
+        self.frozen_prefixes = tuple(f"backbone.{p}" for stage in stages[:count] for p in stage)
+        for name, param in self.named_parameters():
+            if name.startswith(self.frozen_prefixes):
+                param.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "ReIDModel":
+        super().train(mode)
+        for name, module in self.named_modules():
+            if self.frozen_prefixes and (name + ".").startswith(self.frozen_prefixes):
+                module.eval()
+        return self
 
     def new_classifier(self, num_classes: int) -> nn.Linear:
         classifier = nn.Linear(self.feat_dim, num_classes, bias=False)
@@ -62,10 +83,25 @@ class ReIDModel(nn.Module):
         return ReIDOutput(feature_map, features, logits)
 
     def shared_state(self) -> dict[str, torch.Tensor]:
-        """Weights a federated client shares: backbone + BNNeck (the classifier stays private)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("classifier.")}
+        """Weights a federated client shares: backbone + BNNeck (+ added shared modules such as PEM); the
+        classifier stays private and frozen stages are not sent."""
+        return {k: v for k, v in self.state_dict().items()
+                if not k.startswith("classifier.") and not k.startswith(self.frozen_prefixes)}
+
+    def load_shared_state(self, shared: dict[str, torch.Tensor]) -> None:
+        """Load shared weights: exactly the keys of ``shared_state`` (the classifier and frozen stages keep
+        their own); anything else is a ``ValueError`` naming the keys."""
+        expected = set(self.shared_state())
+        missing, unexpected = sorted(expected - set(shared)), sorted(set(shared) - expected)
+        if missing or unexpected:
+            raise ValueError(f"shared weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        self.load_state_dict(shared, strict=False)
 
 
 def build_model(config: Config, num_classes: int = 0) -> ReIDModel:
+    """The configured ReID model; its first ``freeze-stages`` backbone stages frozen."""
     backbone = build_backbone(config.backbone, config.pretrained, config.last_stride)
-    return ReIDModel(backbone, num_classes, config.neck_feat)
+    model = ReIDModel(backbone, num_classes, config.neck_feat)
+    if config.freeze_stages:
+        model.freeze_stages(config.freeze_stages)
+    return model
