@@ -425,13 +425,13 @@ def _pair_dots(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.T
         return torch.sparse.sampled_addmm(_csr(crow, col, x.new_zeros(len(col)), len(x)), x, x.T, beta=0.0).values()
 
 
-def _weights(x, sq, far, top, half, chunk_size) -> torch.Tensor:
-    """Sparse CSR V (N, N): V[i, j] = exp(−d(i,j)/far_i) over i's expanded set, normalised per row."""
+def _weights(x, sq, scale, top, half, chunk_size) -> torch.Tensor:
+    """Sparse CSR V (N, N): V[i, j] = exp(−d(i,j)/scale_i) over i's expanded set, normalised per row."""
     n, half_rec = len(x), _reciprocal(half, chunk_size)
     pairs = [_expanded_sets(top, half, half_rec, torch.arange(s, min(s + chunk_size, n), device=x.device))
              for s in range(0, n, chunk_size)]
     row, col = (torch.cat(p) for p in zip(*pairs))
-    w = torch.exp(-(_take(sq, row) + _take(sq, col) - 2 * _pair_dots(x, row, col)) / _take(far, row))
+    w = torch.exp(-(_take(sq, row) + _take(sq, col) - 2 * _pair_dots(x, row, col)) / _take(scale, row))
     total = torch.zeros_like(sq).index_add_(0, row, w)
     crow = torch.cat([row.new_zeros(1), torch.cumsum(torch.bincount(row, minlength=n), 0)])
     return _csr(crow, col, w / _take(total, row), n)
@@ -444,6 +444,51 @@ def _query_expand(v: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
     a = _csr(crow, near.sort(dim=1).values.reshape(-1), torch.full((n * k2,), 1.0 / k2, device=near.device), n)
     with _sparse_beta():
         return a @ v
+
+
+def reciprocal_encoding(x: torch.Tensor, sq: torch.Tensor, nearest: torch.Tensor, k1: int, k2: int,
+                        scale: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Zhong et al.'s k-reciprocal encoding V as a sparse CSR (N, N) float32 matrix (rows sum to 1).
+
+    x (N, D) with squared norms sq (N,); nearest (N, >= max(k1 + 1, k2)) sorted nearest lists that include
+    the point itself; V[i, j] = exp(−d(i, j)/scale_i) over i's expanded k-reciprocal set (:func:`_expanded_sets`),
+    normalised per row, then (k2 > 1) averaged over the k2 nearest rows (query expansion).
+    """
+    top, half = nearest[:, :k1 + 1].contiguous(), nearest[:, :round(k1 / 2) + 1].contiguous()
+    v = _weights(x, sq, scale, top, half, chunk_size)
+    return _query_expand(v, nearest[:, :k2].contiguous()) if k2 != 1 else v
+
+
+class ReciprocalOverlap:
+    """Overlaps s(i, j) = Σ_k min(V[i, k], V[j, k]) of k-reciprocal encodings, computed sparsely by row chunks.
+
+    ``v``: sparse CSR (N, N) from :func:`reciprocal_encoding`; rows i < ``num_rows`` are compared with
+    columns j >= ``first_column`` (re-ranking: queries × gallery; clustering: all × all with 0 and N).
+    Only an inverted index of the column rows and one dense (rows, N − first_column) chunk are held.
+    """
+
+    def __init__(self, v: torch.Tensor, num_rows: int, first_column: int):
+        self.crow, self.col, self.val = v.crow_indices(), v.col_indices(), v.values()
+        self.inverted = _column_index(self.crow, self.col, self.val, first_column)
+        self.num_columns = len(self.crow) - 1 - first_column
+        self.pairs_per_row = _pairs_per_row(self.crow, self.col, self.inverted[0], num_rows)
+
+    def row_chunks(self, max_rows: int):
+        """Contiguous row-index tensors covering rows 0..num_rows−1, each within ``max_rows`` and the pair budget."""
+        return _row_ranges(self.pairs_per_row, max_rows=max_rows, max_pairs=PAIR_BUDGET)
+
+    def sums(self, rows: torch.Tensor) -> torch.Tensor:
+        """Dense (len(rows), N − first_column) float32 overlaps of the contiguous ``rows``."""
+        crow, col, val = self.crow, self.col, self.val
+        colptr, g_row, g_val = self.inverted
+        lo, hi = int(crow[rows[0]]), int(crow[rows[-1] + 1])
+        k = col[lo:hi]
+        owner = torch.repeat_interleave(torch.arange(len(rows), device=col.device), crow[rows + 1] - crow[rows])
+        entry, pos = _segments(_take(colptr, k), _take(colptr, k + 1) - _take(colptr, k))
+        target = _take(owner, entry).mul_(self.num_columns).add_(_take(g_row, pos))
+        s = val.new_zeros(len(rows), self.num_columns)
+        s.view(-1).index_add_(0, target, torch.minimum(_take(val[lo:hi], entry), _take(g_val, pos)))
+        return s
 
 
 def _column_index(crow, col, val, first_row):
@@ -470,17 +515,9 @@ def _keep_query_gallery(out: torch.Tensor, nq: int):
     return keep
 
 
-def _jaccard_into(out, crow, col, val, inv, rows, lambda_value, far):
+def _jaccard_into(out, overlap: ReciprocalOverlap, rows, lambda_value, far):
     """out[rows] = (1−λ)·Jaccard(V_q, V_g) + λ·out[rows]/far for query ``rows`` (contiguous; out holds d)."""
-    colptr, g_row, g_val = inv
-    n_g = out.shape[1]
-    lo, hi = int(crow[rows[0]]), int(crow[rows[-1] + 1])
-    k = col[lo:hi]
-    owner = torch.repeat_interleave(torch.arange(len(rows), device=col.device), crow[rows + 1] - crow[rows])
-    entry, pos = _segments(_take(colptr, k), _take(colptr, k + 1) - _take(colptr, k))
-    target = _take(owner, entry).mul_(n_g).add_(_take(g_row, pos))
-    s = out.new_zeros(len(rows), n_g)
-    s.view(-1).index_add_(0, target, torch.minimum(_take(val[lo:hi], entry), _take(g_val, pos)))
+    s = overlap.sums(rows)
     jaccard = s.mul(-2.0).add_(2.0).div_(s.neg_().add_(2.0))  # 1 − s/(2 − s) = (2 − 2s)/(2 − s)
     block = out[rows[0]:rows[-1] + 1]
     block.div_(far[rows].unsqueeze(1)).mul_(lambda_value).add_(jaccard, alpha=1.0 - lambda_value)
@@ -514,16 +551,9 @@ def k_reciprocal_rerank(query_features: torch.Tensor, gallery_features: torch.Te
     sq = (x * x).sum(1)
     out = torch.empty(nq, n - nq, dtype=torch.float32, device=x.device)  # d(query, gallery) first
     _, nearest, far = _exact_knn(x, sq, max(k1 + 1, k2), exclude_self=False, on_block=_keep_query_gallery(out, nq))
-    top, half = nearest[:, :k1 + 1], nearest[:, :round(k1 / 2) + 1]
-    v = _weights(x, sq, far, top.contiguous(), half.contiguous(), chunk_size)
-    if k2 != 1:
-        v = _query_expand(v, nearest[:, :k2].contiguous())
-    crow, col, val = v.crow_indices(), v.col_indices(), v.values()
-    inv = _column_index(crow, col, val, nq)
-    pairs_per_row = _pairs_per_row(crow, col, inv[0], nq)
-    for rows in _row_ranges(pairs_per_row, max_rows=max(1, min(chunk_size, 2**26 // (n - nq))),
-                            max_pairs=PAIR_BUDGET):
-        _jaccard_into(out, crow, col, val, inv, rows, lambda_value, far)
+    overlap = ReciprocalOverlap(reciprocal_encoding(x, sq, nearest, k1, k2, far, chunk_size), nq, nq)
+    for rows in overlap.row_chunks(max_rows=max(1, min(chunk_size, 2**26 // (n - nq)))):
+        _jaccard_into(out, overlap, rows, lambda_value, far)
     return out
 
 
