@@ -101,6 +101,7 @@ def make_secrets(root: Path) -> Path:
     return secrets
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_registered_cameras_train_over_tls_and_an_unregistered_supernode_is_refused(tiny_cache, tmp_path,
                                                                                      monkeypatch):
