@@ -109,7 +109,7 @@ def run_inprocess(values: dict, out: Path) -> dict:
     from client.app import app
     from common.config import load_config
     from common.federated.data import load_node_dataset
-    from common.federated.inprocess import InProcessGrid
+    from camfed.inprocess import InProcessGrid
     from common.federated.server import run_federation
 
     config = load_config(values)

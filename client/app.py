@@ -1,4 +1,5 @@
-"""Flower ClientApp: a ``train`` message runs this node's camera through ``common.federated.client.train``."""
+"""Flower ClientApp: a ``train`` message runs this node's camera through ``common.federated.client.train``;
+a ``query`` message asks for the node's partition-id (used to sample cameras)."""
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -11,3 +12,8 @@ app = ClientApp()
 @app.train()
 def train(message: Message, context: Context) -> Message:
     return client.train(message, context)
+
+
+@app.query()
+def query(message: Message, context: Context) -> Message:
+    return client.query(message, context)

@@ -103,6 +103,7 @@ class Config:
     fraction_train: float = 1.0
     min_train_clients: int = 2
     min_available_clients: int = 2
+    round_timeout: float = 3600.0  # seconds a round waits for replies (late ones are discarded); 0 = no limit
     prox_mu: float = 0.01
     state_dir: str = ""  # client private state; empty = <output_dir>/client-state
     # PEM (method = "pem")
@@ -152,6 +153,8 @@ class Config:
             raise ConfigError(f"config key 'synth-pose-band' must be in (0, 30], got {self.synth_pose_band}")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}")
+        if self.round_timeout < 0:
+            raise ConfigError(f"config key 'round-timeout' must be >= 0 (0 = no limit), got {self.round_timeout}")
         for name in ("flip_prob", "random_erasing", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be in [0, 1]")

@@ -30,7 +30,7 @@ REPORT_FOLDERS = ("post", "evaluation")  # report folders a run's commands write
 # keys a resumed run may change: how long it runs, where and how fast it runs, and the final post-processing
 RESUMABLE_KEYS = frozenset({
     "resume", "overwrite", "epochs", "num-server-rounds", "eval-every", "device", "num-workers", "amp",
-    "output-dir", "cache-dir", "state-dir", "min-train-clients", "min-available-clients",
+    "output-dir", "cache-dir", "state-dir", "min-train-clients", "min-available-clients", "round-timeout",
     "post", "nfc-k1", "nfc-k2", "ipg-features", "ipg-eta", "rerank-k1", "rerank-k2", "rerank-lambda",
 })
 PATH_KEYS = frozenset({"data-dir", "cache-dir", "pose-file", "ipg-features", "output-dir", "state-dir"})

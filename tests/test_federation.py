@@ -11,12 +11,13 @@ import pytest
 import torch
 from flwr.app import Message
 
+from camfed.inprocess import InProcessGrid
 from client.app import app as client_app
 from common.config import Config, ConfigError, load_config
 from common.federated.arrays import arrays_to_state, conformity_error, signature, state_to_arrays, weighted_average
 from common.federated.client import node_settings, round_seed
 from common.federated.data import camera_partition, load_node_dataset
-from common.federated.inprocess import InProcessGrid
+from common.federated.history import idle_rounds
 from common.federated.server import CHECKPOINT, run_federation
 from common.federated.state import KEEP, PrivateStateStore, state_dir
 from common.federated.strategy import CameraFedAvg
@@ -158,25 +159,23 @@ def test_method_registry():
 # --------------------------------------------------------------------------- sampling
 
 
-class _Nodes:
-    def __init__(self, n: int):
-        self.ids = [7 * i + 100 for i in range(n)]
+def _sampled_cameras(run_config: dict, config: Config, node_ids: list[int], rounds: int) -> list[list[int]]:
+    """Partition-ids sampled per round when the node of partition i has id ``node_ids[i]``."""
+    grid = InProcessGrid(client_app, len(node_ids), run_config)
+    grid.contexts = dict(zip(node_ids, grid.contexts.values()))  # another deployment's node-id assignment
+    strategy = CameraFedAvg(config, {"w": torch.zeros(1)})
+    return [sorted(strategy.partitions[n] for n in strategy.sample(grid, r)) for r in range(1, rounds + 1)]
 
-    def get_node_ids(self):
-        return list(self.ids)
 
-
-def test_sampling_is_deterministic_and_respects_fraction_and_minimum():
-    template = {"w": torch.zeros(1)}
-    strategy = CameraFedAvg(Config(fraction_train=0.5, min_train_clients=1, min_available_clients=4, seed=3),
-                            template)
-    grid = _Nodes(6)
-    picks = [strategy.sample(grid, r) for r in range(1, 6)]
-    assert all(len(p) == 3 and set(p) <= set(grid.ids) for p in picks)
-    assert picks == [strategy.sample(grid, r) for r in range(1, 6)]
+def test_sampling_is_keyed_on_camera_and_round_not_on_node_ids(tiny_run_config):
+    config = Config(fraction_train=0.5, min_train_clients=1, min_available_clients=4, seed=3)
+    picks = _sampled_cameras(tiny_run_config, config, [100 + 7 * i for i in range(6)], rounds=5)
+    assert all(len(p) == 3 for p in picks)
     assert len({tuple(p) for p in picks}) > 1  # different rounds pick different cameras
-    strict = CameraFedAvg(Config(fraction_train=0.1, min_train_clients=4, min_available_clients=2), template)
-    assert len(strict.sample(grid, 1)) == 4
+    # node ids in the opposite order (another deployment, a restart): the same cameras in every round
+    assert _sampled_cameras(tiny_run_config, config, [900 - 13 * i for i in range(6)], rounds=5) == picks
+    strict = Config(fraction_train=0.1, min_train_clients=4, min_available_clients=2)
+    assert len(_sampled_cameras(tiny_run_config, strict, [1, 2, 3, 4, 5, 6], rounds=1)[0]) == 4
 
 
 # --------------------------------------------------------------------------- methods
@@ -285,19 +284,24 @@ def test_failing_and_vanishing_clients_do_not_end_the_run(tiny_run_config):
     assert json.loads((Path(config.output_dir) / "metrics.jsonl").read_text().splitlines()[-1])["round"] == 2
 
 
-def test_round_with_too_few_replies_keeps_the_global_weights(tiny_run_config):
-    def broken(message: Message, context):
+def test_round_with_too_few_replies_keeps_the_global_weights_and_is_marked(tiny_run_config):
+    def offline(message: Message, context):
         if context.node_config["partition-id"] != 2:
-            raise RuntimeError("down")
+            return None  # camera offline: transient, the run goes on
         return client_app(message, context)
 
-    config = load_config({**tiny_run_config, "min-train-clients": 2, "num-server-rounds": 1})
+    config = load_config({**tiny_run_config, "min-train-clients": 2})
     initial = get_method("fedavg").initial_shared_state(config)
-    run_federation(InProcessGrid(broken, 3, tiny_run_config), config)
-    checkpoint = torch.load(Path(config.output_dir) / CHECKPOINT, weights_only=False)
-    assert checkpoint["round"] == 1 and all(torch.equal(checkpoint["model"][k], initial[k]) for k in initial)
-    rounds = (Path(config.output_dir) / "rounds.jsonl").read_text().splitlines()
-    assert [(r["clients"], r["aggregated"]) for r in map(json.loads, rounds)] == [(1, False)]
+    run_federation(InProcessGrid(offline, 3, tiny_run_config), config)
+    out = Path(config.output_dir)
+    checkpoint = torch.load(out / CHECKPOINT, weights_only=False)
+    assert checkpoint["round"] == 2 and all(torch.equal(checkpoint["model"][k], initial[k]) for k in initial)
+    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert [(r["clients"], r["aggregated"]) for r in rounds] == [(1, False), (1, False)]
+    assert [f["kind"] for f in rounds[0]["failures"]] == ["unavailable", "unavailable"]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["aggregated"] for m in metrics] == [False, False]  # marked in metrics.jsonl ...
+    assert idle_rounds(out) == [1, 2] and (out / "metrics.png").is_file()  # ... and in the plot
 
 
 class _ServerCrash(Exception):
@@ -311,12 +315,12 @@ class _CrashingGrid(InProcessGrid):
         super().__init__(*args, **kwargs)
         self.crash_round = crash_round
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def push_messages(self, messages):
         messages = list(messages)
-        replies = super().send_and_receive(messages, timeout=timeout)
+        ids = super().push_messages(messages)
         if messages and messages[0].content["config"]["server-round"] == self.crash_round:
             raise _ServerCrash()
-        return replies
+        return ids
 
 
 def test_resume_after_a_server_crash_equals_an_uninterrupted_run(tiny_run_config, tmp_path):

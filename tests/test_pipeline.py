@@ -78,7 +78,7 @@ def test_federation_runs_the_pipeline_on_its_final_model(tiny_run_config):
     from pathlib import Path
 
     from client.app import app as client_app
-    from common.federated.inprocess import InProcessGrid
+    from camfed.inprocess import InProcessGrid
     from common.federated.server import run_federation
 
     config = load_config({**tiny_run_config, "num-server-rounds": 1, "post": "flip,nfc"})

@@ -13,7 +13,7 @@ from client.app import app as client_app
 from common.config import load_config
 from common.federated.arrays import state_to_arrays
 from common.federated.data import camera_partition, load_node_dataset
-from common.federated.inprocess import InProcessGrid
+from camfed.inprocess import InProcessGrid
 from common.federated.server import run_federation
 from common.federated.state import PrivateStateStore, state_dir
 from common.methods import get_method
@@ -74,3 +74,13 @@ def test_every_reply_of_a_federated_run_is_clean(tiny_run_config):
 
     run_federation(InProcessGrid(inspecting, 3, run_config), config)
     assert len(seen) == 3
+
+
+def test_query_reply_holds_only_the_partition_id(tiny_run_config):
+    InProcessGrid(client_app, 3, tiny_run_config)  # sets Flower's task identity for building messages
+    context = Context(run_id=1, node_id=1001, node_config={"partition-id": 2, "num-partitions": 3},
+                      state=RecordDict(), run_config=tiny_run_config)
+    query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1001, message_type=MessageType.QUERY)
+    reply = client_app(query, context)
+    assert not reply.has_error() and set(reply.content.keys()) == {"metrics"}
+    assert dict(reply.content["metrics"]) == {"partition-id": 2}

@@ -3,6 +3,6 @@
 Modules: ``arrays`` (state dicts ↔ ArrayRecord, weighted average), ``state`` (per-camera private
 state on disk), ``data`` (node dataset and camera partition), ``client`` (the ClientApp's local
 round), ``strategy`` (CameraFedAvg), ``server`` (rounds, evaluation, checkpoints, resume),
-``history`` (metrics files and plot), ``inprocess`` (a Grid running clients in this process, for
-tests), ``launch`` (start a local simulation SuperLink, ``flwr run``, stop it).
+``history`` (metrics files and plot), ``launch`` (start a local simulation SuperLink, ``flwr run``,
+stop it).  The in-process grid for tests and experiments is ``camfed.inprocess`` (not in the app bundle).
 """

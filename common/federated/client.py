@@ -10,18 +10,18 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from common.config import Config, ConfigError, load_config
-from common.engine import resolve_device
+from common.engine import derived_seed, resolve_device
 from common.federated.arrays import arrays_to_state, conformity_error, signature, state_to_arrays
 from common.federated.data import camera_partition, load_node_dataset, with_absolute_paths
 from common.federated.state import PrivateStateStore, state_dir
 from common.methods import LocalJob, get_method
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # record names in messages
-NODE_KEYS = ("partition-id", "num-partitions")
+PARTITION_KEY = "partition-id"
+NODE_KEYS = (PARTITION_KEY, "num-partitions")
 
 
 def node_settings(node_config: Mapping[str, Any]) -> tuple[int, int, dict[str, Any]]:
@@ -50,7 +50,7 @@ def node_config_for(context: Context) -> tuple[Config, int, int]:
 
 def round_seed(seed: int, server_round: int, camid: int) -> int:
     """A 31-bit seed that depends only on (seed, round, camera)."""
-    return int(np.random.SeedSequence([seed, server_round, camid]).generate_state(1)[0]) & 0x7FFFFFFF
+    return derived_seed(seed, server_round, camid)
 
 
 def train(message: Message, context: Context) -> Message:
@@ -78,3 +78,9 @@ def train(message: Message, context: Context) -> Message:
                             "local-seconds": local_seconds, "num-examples": int(result.num_examples),
                             "camera": int(partition.camid)})
     return Message(RecordDict({ARRAYS: state_to_arrays(result.shared), METRICS: metrics}), reply_to=message)
+
+
+def query(message: Message, context: Context) -> Message:
+    """Handle a ``query`` message: reply this node's partition-id (the server samples cameras by it)."""
+    partition_id, _, _ = node_settings(context.node_config)
+    return Message(RecordDict({METRICS: MetricRecord({PARTITION_KEY: partition_id})}), reply_to=message)

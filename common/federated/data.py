@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import fcntl
-from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator
+
+from filelock import FileLock
 
 from common.config import Config, ConfigError
 from common.data.loading import DATASET_FIELDS, load_dataset
@@ -22,17 +21,11 @@ def with_absolute_paths(config: Config) -> Config:
                                           for k in keys if getattr(config, k)})
 
 
-@contextmanager
-def cache_lock(cache_dir: str) -> Iterator[None]:
-    """Exclusive lock on ``<cache-dir>/.lock``: processes generating the synthetic data queue up."""
+def cache_lock(cache_dir: str) -> FileLock:
+    """Exclusive lock on ``<cache-dir>/.lock`` (any OS): processes generating the synthetic data queue up."""
     path = Path(cache_dir).expanduser().absolute() / ".lock"
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return FileLock(path)
 
 
 def load_node_dataset(config: Config) -> ReIDDataset:

@@ -30,8 +30,15 @@ def keep_rounds_up_to(path: Path, last_round: int) -> None:
         tmp.replace(path)
 
 
+def idle_rounds(folder: Path) -> list[int]:
+    """Rounds that averaged nothing (global weights unchanged), from ``rounds.jsonl`` and ``metrics.jsonl``."""
+    records = read_jsonl(folder / ROUNDS_FILE) + read_jsonl(folder / METRICS_FILE)
+    return sorted({r["round"] for r in records if r.get("aggregated") is False})
+
+
 def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
-    """PNG of mAP and rank-1 (%) per round from ``metrics.jsonl``; None when there is nothing to plot."""
+    """PNG of mAP and rank-1 (%) per round from ``metrics.jsonl``, rounds that averaged nothing marked by a
+    dashed red line; None when there is nothing to plot."""
     records = read_jsonl(metrics_path)
     if not records:
         return None
@@ -44,6 +51,8 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, label in (("mAP", "mAP"), ("rank1", "rank-1")):
         ax.plot(rounds, [100 * r[key] for r in records], marker="o", label=label)
+    for i, idle in enumerate(idle_rounds(metrics_path.parent)):
+        ax.axvline(idle, color="tab:red", linestyle="--", alpha=0.6, label="averaged nothing" if i == 0 else None)
     ax.set_xlabel("round")
     ax.set_ylabel("%")
     ax.set_title("global model on the test split")

@@ -7,7 +7,8 @@ This launcher instead starts ``flower-superlink --simulation --disable-runtime-d
 on a free port in a private ``FLWR_HOME`` (the current folder as its working directory, so relative
 paths in the run config resolve there), runs ``flwr run <app> <connection> --stream`` with one
 virtual SuperNode per camera and ``cpus-per-client`` CPUs each, reports the run's final status and
-stops every process it started.
+stops every process it started.  ``flwr run`` exits with 0 even when the ServerApp raised; ``federate``
+returns 1 unless the run's status is ``finished:completed`` and the ServerApp wrote no ``failure.json``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Iterator
 from common.config import Config, ConfigError, parse_run_config, tomllib
 from common.data.partition import partition_by_camera
 from common.federated.data import load_node_dataset
+from common.federated.server import FAILURE_FILE
 
 CONNECTION = "camfed-local"
 STARTUP_TIMEOUT = 60.0
@@ -209,6 +211,20 @@ def run_status(flwr_home: Path, run_id: int) -> str:
         return f"unknown ({result.stdout.strip() or result.stderr.strip()})"
 
 
+def run_failure(output_dir: Path, since: float) -> str:
+    """The error the ServerApp recorded in ``<output-dir>/failure.json`` after ``since`` (a Unix time), or "".
+
+    ``flwr run`` exits with 0 whatever the run's outcome; this file and the run's status tell.
+    """
+    path = output_dir / FAILURE_FILE
+    if not path.is_file() or path.stat().st_mtime < since:
+        return ""
+    try:
+        return str(json.loads(path.read_text())["error"])
+    except (json.JSONDecodeError, KeyError):
+        return f"the run failed (unreadable {path})"
+
+
 def federate(run_config: str = "", app_dir: str | Path = ".", cpus_per_client: int = 1, gpus_per_client: float = 0.0,
              num_supernodes: int | None = None, timeout: float | None = None) -> int:
     """Run the camfed app in a local simulation, one virtual SuperNode per camera; 0 when the run completed.
@@ -224,13 +240,19 @@ def federate(run_config: str = "", app_dir: str | Path = ".", cpus_per_client: i
                   f"client-resources-num-gpus={gpus_per_client}")
     print(f"camfed federate: {clients} cameras, {config.num_server_rounds} rounds of '{config.method}', "
           f"output in {output_dir}", flush=True)
+    started = time.time()
     with tempfile.TemporaryDirectory(prefix="camfed-flwr-home-") as home:
         flwr_home = Path(home)
         with local_superlink(flwr_home, output_dir / "superlink.log", cwd=Path.cwd()):
             run_id, _ = flwr_run(app_dir, flwr_home, run_config, federation, timeout=timeout)
             status = run_status(flwr_home, run_id) if run_id is not None else "not started"
+    failure = run_failure(output_dir, since=started)
+    if status != "finished:completed" or failure:
+        print(f"camfed federate: run {run_id} {status}{': ' + failure if failure else ''}; see the messages above "
+              f"and {output_dir / 'superlink.log'}", flush=True)
+        return 1
     print(f"camfed federate: run {run_id} {status}; metrics in {output_dir / 'metrics.jsonl'}", flush=True)
-    return 0 if status == "finished:completed" else 1
+    return 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,8 @@
 Per round: sample cameras → send the global shared weights and the round config (server-round, lr,
 run-tag) → average the replies (``CameraFedAvg``) → append ``rounds.jsonl`` → every ``eval-every``
 rounds and at the last one evaluate the global model on the test split (``metrics.jsonl``, plot)
-→ checkpoint ``{"round", "model", "config", "method", "run-tag"}`` atomically.
+→ checkpoint ``{"round", "model", "config", "method", "run-tag"}`` atomically.  A round that averaged
+nothing because the clients' errors recur every round stops the run (``failure.json``, ``FederationFailed``).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ from common.federated.arrays import StateDict, arrays_to_state, conformity_error
 from common.federated.client import ARRAYS
 from common.federated.data import load_node_dataset, with_absolute_paths
 from common.federated.history import METRICS_FILE, PLOT_FILE, ROUNDS_FILE, keep_rounds_up_to, plot_metrics
-from common.federated.strategy import CameraFedAvg
+from common.federated.strategy import CameraFedAvg, Screening
 from common.methods import Method, get_method
 
 LOG = logging.getLogger("flwr.camfed")
+FAILURE_FILE = "failure.json"  # written when the run stops because no camera can train
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -67,25 +69,32 @@ class GlobalEvaluator:
         return run_pipeline(model, self._dataset, self.config, self.config.post_steps, self.device, output_dir)
 
 
-def run_federation(grid: Grid, config: Config, timeout: float | None = None) -> list[dict]:
+def run_federation(grid: Grid, config: Config) -> list[dict]:
     """Train for ``num-server-rounds`` (continuing from the checkpoint when ``resume``); returns the
-    evaluation records written by this call.  ``timeout``: seconds to wait for a round's replies
-    (None: until every sampled node replied or was declared unavailable by the SuperLink)."""
+    evaluation records written by this call.  A round waits ``round-timeout`` seconds at most for replies.
+
+    Raises ``FederationFailed`` (after writing ``failure.json`` with the clients' errors) after the first
+    round that averaged nothing because of failures that recur every round (``CameraFedAvg.cannot_train``).
+    """
     config = with_absolute_paths(config)
     method = get_method(config.method)
     out = Path(config.output_dir)
     shared, start, run_tag = _starting_point(config, method, out)
+    (out / FAILURE_FILE).unlink(missing_ok=True)
     write_config_snapshot(config, out)
     strategy = CameraFedAvg(config, shared)
     evaluate = GlobalEvaluator(method, config)
     arrays, evaluations = state_to_arrays(shared), []
     for server_round in range(start + 1, config.num_server_rounds + 1):
-        arrays, record = _train_round(grid, strategy, arrays, server_round, config, run_tag, timeout)
+        arrays, record, screening = _train_round(grid, strategy, arrays, server_round, config, run_tag)
         append_jsonl(out / ROUNDS_FILE, record)
+        if strategy.cannot_train(screening):
+            raise record_failure(out / FAILURE_FILE, record, screening, config)
         shared = arrays_to_state(arrays)
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
             evaluation = {"round": server_round, **evaluate(shared),
-                          "train_loss": record.get("loss"), "clients": record["clients"], "lr": record["lr"]}
+                          "train_loss": record.get("loss"), "clients": record["clients"], "lr": record["lr"],
+                          "aggregated": record["aggregated"]}
             append_jsonl(out / METRICS_FILE, evaluation)
             plot_metrics(out / METRICS_FILE, out / PLOT_FILE)
             evaluations.append(evaluation)
@@ -97,21 +106,42 @@ def run_federation(grid: Grid, config: Config, timeout: float | None = None) -> 
 
 
 def _train_round(grid: Grid, strategy: CameraFedAvg, arrays: ArrayRecord, server_round: int, config: Config,
-                 run_tag: str, timeout: float | None) -> tuple[ArrayRecord, dict]:
-    """One round of training; returns the new global arrays and the round's record for ``rounds.jsonl``."""
+                 run_tag: str) -> tuple[ArrayRecord, dict, Screening]:
+    """One round of training: (new global arrays, the round's record for ``rounds.jsonl``, its screening)."""
     began = time.monotonic()
     lr = learning_rate(server_round - 1, config)
     round_config = ConfigRecord({"lr": lr, "run-tag": run_tag})
-    messages = list(strategy.configure_train(server_round, arrays, round_config, grid))
-    replies = list(grid.send_and_receive(messages, timeout=timeout))
-    new_arrays, metrics = strategy.aggregate_train(server_round, replies)
+    messages = strategy.train_messages(server_round, arrays, round_config, strategy.sample(grid, server_round))
+    replies, missing = strategy.collect(grid, messages)
+    screening = strategy.screen(server_round, replies, missing)
+    new_arrays, metrics = strategy.average(server_round, screening.usable)
     record = {"round": server_round, "lr": lr, "sampled": len(messages), **dict(metrics),
-              "failed": len(messages) - int(metrics["clients"]), "aggregated": new_arrays is not None,
+              "failed": len(messages) - len(screening.usable), "aggregated": new_arrays is not None,
               "bytes_down_per_client": arrays.count_bytes(),
-              "bytes_up": sum(r.content[ARRAYS].count_bytes() for r in replies
+              "bytes_up": sum(r.content[ARRAYS].count_bytes() for r in replies.values()
                               if r.has_content() and ARRAYS in r.content.array_records),
               "seconds": round(time.monotonic() - began, 3)}
-    return (new_arrays if new_arrays is not None else arrays), record
+    if screening.failures:
+        record["failures"] = [f.as_dict() for f in screening.failures]
+    return (new_arrays if new_arrays is not None else arrays), record, screening
+
+
+class FederationFailed(RuntimeError):
+    """The federation stopped because no round can train (details in ``failure.json``)."""
+
+
+def record_failure(path: Path, record: dict, screening: Screening, config: Config) -> FederationFailed:
+    """Write ``failure.json`` (the round, its counts and every camera's error) and return the exception to raise."""
+    reasons = sorted({f"{f.kind}: {f.reason}" for f in screening.failures if f.recurs})
+    message = (f"round {record['round']}: {len(screening.usable)} usable replies < min-train-clients "
+               f"({config.min_train_clients}) and the clients' errors recur every round, so the run stops: "
+               + " | ".join(reasons) + f" (details in {path})")
+    failure = {"round": record["round"], "error": message, "sampled": record["sampled"],
+               "clients": len(screening.usable), "min-train-clients": config.min_train_clients,
+               "failures": [f.as_dict() for f in screening.failures]}
+    path.write_text(json.dumps(failure, indent=1) + "\n")
+    LOG.error("camfed: %s", message)
+    return FederationFailed(message)
 
 
 def _starting_point(config: Config, method: Method, out: Path) -> tuple[StateDict, int, str]:
@@ -138,4 +168,3 @@ def _save_checkpoint(path: Path, server_round: int, shared: StateDict, config: C
                      run_tag: str) -> None:
     atomic_save({"round": server_round, "model": shared, "config": config.to_run_config(), "method": method.name,
                  "run-tag": run_tag}, path)
-

@@ -1,88 +1,219 @@
-"""Server strategy: FedAvg over cameras on Flower's message API.
+"""Server strategy: FedAvg over cameras on Flower's public ``Strategy`` API.
 
-Differences from ``flwr.serverapp.strategy.FedAvg`` (which it extends for message construction
-and reply logging): clients are sampled deterministically from (seed, round); only replies whose
-arrays match the shared keys, shapes and dtypes are averaged; the average is sample-weighted in
-float64 in a fixed (camera) order and integer buffers stay integers; a round whose replies fall
-short of ``min-train-clients`` leaves the global weights unchanged instead of ending the run.
+A round (``common.federated.server``): ``sample`` cameras → ``train_messages`` → ``collect`` replies
+until all arrived or ``round-timeout`` expires → ``screen`` them → ``average``.
+
+- **Sampling** is keyed on (seed, round, partition-id): each candidate camera gets a score from a hash
+  of the three and the lowest scores are picked, so the same cameras train in the same round in every
+  deployment and after a restart, whatever node ids Flower assigned.  Nodes report their partition-id
+  (the camera's index in sorted camera-id order) in reply to a ``query`` message, asked once per node
+  and only when ``fraction-train`` < 1.
+- **Timeout**: messages carry ``ttl = round-timeout``, so the SuperLink refuses a reply that comes
+  later; the round closes with the replies it has and names the cameras whose replies are discarded.
+- **Screening**: a reply is averaged only if it has no error, holds exactly the shared keys, shapes
+  and dtypes, finite floating values and a positive weight.  Every other sampled camera is a
+  ``Failure``, logged with its reason; ``recurring`` failures (the ClientApp raised or replied with
+  unusable weights: the same message fails the same way again) are told apart from transient ones
+  (node unavailable, ClientApp crashed, no reply in time).
+- **Averaging**: sample-weighted, in float64, in camera order, integer buffers stay integers; a round
+  with fewer than ``min-train-clients`` usable replies leaves the global weights unchanged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import random
 import time
+from dataclasses import asdict, dataclass
 from typing import Iterable
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from common.config import Config
 from common.federated.arrays import (StateDict, arrays_to_state, conformity_error, signature, state_to_arrays,
                                      weighted_average)
-from common.federated.client import ARRAYS, CONFIG, METRICS
+from common.federated.client import ARRAYS, CONFIG, METRICS, PARTITION_KEY
 
 LOG = logging.getLogger("flwr.camfed")
 WEIGHT_KEY = "num-examples"
 
+# Codes of Flower's ``Error`` (``flwr.common.constant.ErrorCode``, which flwr does not export publicly; the
+# values are pinned by tests/test_federation.py) that mean the app itself failed on the node: the same
+# message would fail again.  Every other code (node unavailable, ClientApp crashed, reply unavailable,
+# unknown) is treated as transient.
+APP_FAILURE_CODES = {1: "the ClientApp could not be loaded", 2: "the ClientApp raised an exception",
+                     6: "a ClientApp mod refused the message", 7: "the app bundle is invalid"}
+RECURRING = ("raised", "rejected")  # Failure kinds that recur when the round is repeated
 
-class CameraFedAvg(FedAvg):
+
+@dataclass(frozen=True)
+class Failure:
+    """A sampled node that contributed nothing to a round.
+
+    ``kind``: ``raised`` (the ClientApp failed), ``rejected`` (its reply was unusable), ``unavailable``
+    (node or ClientApp gone) or ``no-reply`` (nothing before ``round-timeout``); ``camera`` when known.
+    """
+
+    node_id: int
+    camera: int | None
+    kind: str
+    reason: str
+
+    @property
+    def recurs(self) -> bool:
+        return self.kind in RECURRING
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Screening:
+    """A round's replies sorted out: ``usable`` (reply, its shared state) in camera order, and ``failures``."""
+
+    usable: list[tuple[Message, StateDict]]
+    failures: list[Failure]
+
+
+class CameraFedAvg(Strategy):
     """Sample-weighted averaging of the shared state ``template``'s keys over the cameras that replied."""
 
     def __init__(self, config: Config, template: StateDict, poll_interval: float = 1.0):
-        super().__init__(fraction_train=config.fraction_train, fraction_evaluate=0.0,
-                         min_train_nodes=config.min_train_clients, min_evaluate_nodes=0,
-                         min_available_nodes=config.min_available_clients, weighted_by_key=WEIGHT_KEY,
-                         arrayrecord_key=ARRAYS, configrecord_key=CONFIG)
-        self.seed = config.seed
+        self.seed, self.fraction_train = config.seed, config.fraction_train
+        self.min_train_nodes, self.min_available_nodes = config.min_train_clients, config.min_available_clients
+        self.timeout = config.round_timeout or None  # seconds; None: wait for every reply
         self.expected = signature(template)
         self.poll_interval = poll_interval
+        self.partitions: dict[int, int] = {}  # node id → partition-id (asked when sampling needs it)
+        self.cameras: dict[int, int] = {}  # node id → camera id (from its replies), to name failures
 
+    # ------------------------------------------------------------------------------------- sampling
     def sample(self, grid: Grid, server_round: int) -> list[int]:
-        """Wait for ``min-available-clients`` nodes, then pick max(fraction·n, min-train-clients) of them."""
+        """Wait for ``min-available-clients`` nodes, then pick max(fraction·n, min-train-clients) of them
+        by their (seed, round, partition-id) score."""
+        nodes = self.wait_for_nodes(grid)
+        size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
+        if size == len(nodes):
+            return nodes
+        known = self.learn_partitions(grid, nodes)
+        ranked = sorted(known, key=lambda node: (sample_score(self.seed, server_round, self.partitions[node]), node))
+        return sorted(ranked[:size])
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """Sorted node ids once at least ``min-available-clients`` are connected."""
         logged = -1
         while len(nodes := sorted(grid.get_node_ids())) < self.min_available_nodes:
             if len(nodes) != logged:
                 LOG.info("waiting for nodes: %d connected, %d required", len(nodes), self.min_available_nodes)
                 logged = len(nodes)
             time.sleep(self.poll_interval)
-        size = min(len(nodes), max(int(len(nodes) * self.fraction_train), self.min_train_nodes))
-        return sorted(random.Random(f"{self.seed}/{server_round}").sample(nodes, size))
+        return nodes
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def learn_partitions(self, grid: Grid, nodes: list[int]) -> list[int]:
+        """Ask nodes not asked before for their partition-id; returns the nodes whose partition is known."""
+        unknown = [node for node in nodes if node not in self.partitions]
+        if unknown:
+            messages = [Message(RecordDict({CONFIG: ConfigRecord()}), node, MessageType.QUERY, ttl=self.timeout)
+                        for node in unknown]
+            replies, missing = self.collect(grid, messages)
+            for node, reply in replies.items():
+                if reply.has_error() or METRICS not in reply.content.metric_records:
+                    LOG.warning("node %d did not tell its partition-id (%s); not sampled", node,
+                                reply.error.reason if reply.has_error() else "no metrics")
+                else:
+                    self.partitions[node] = int(reply.content[METRICS][PARTITION_KEY])
+            for node in missing:
+                LOG.warning("node %d did not tell its partition-id in time; not sampled", node)
+        return [node for node in nodes if node in self.partitions]
+
+    # ------------------------------------------------------------------------------ messages, replies
+    def train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                       node_ids: Iterable[int]) -> list[Message]:
+        """One ``train`` message per node: the global ``arrays`` and ``config`` (plus ``server-round``)."""
         config["server-round"] = server_round
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
-        return self._construct_messages(record, self.sample(grid, server_round), MessageType.TRAIN)
+        return [Message(record, node, MessageType.TRAIN, ttl=self.timeout, group_id=str(server_round))
+                for node in node_ids]
 
-    def usable_replies(self, replies: Iterable[Message]) -> list[tuple[Message, StateDict]]:
-        """(reply, its shared state) for replies without error whose arrays conform and whose weight is
-        positive, in camera order."""
-        valid, _ = self._check_and_log_replies(list(replies), is_train=True, validate=False)
-        usable = []
-        for message in valid:
-            state, problem = self._decode(message)
+    def collect(self, grid: Grid, messages: list[Message]) -> tuple[dict[int, Message], list[int]]:
+        """Push ``messages`` and pull replies until every node replied or ``round-timeout`` expired.
+
+        Returns (node id → reply, node ids without a reply).  Only replies to these messages are pulled.
+        """
+        pushed = list(grid.push_messages(messages))
+        pending = {mid: m.metadata.dst_node_id for mid, m in zip(pushed, messages) if mid}
+        not_pushed = [m.metadata.dst_node_id for mid, m in zip(pushed, messages) if not mid]
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        replies: dict[int, Message] = {}
+        while pending:
+            for reply in grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is not None:
+                    replies[node] = reply
+            left = None if deadline is None else deadline - time.monotonic()
+            if not pending or (left is not None and left <= 0):
+                break
+            time.sleep(self.poll_interval if left is None else min(self.poll_interval, left))
+        return replies, sorted(not_pushed + list(pending.values()))
+
+    def screen(self, server_round: int, replies: dict[int, Message], missing: Iterable[int]) -> Screening:
+        """Usable replies and failures of a round (see the module docstring); every failure is logged."""
+        usable, failures = [], []
+        for node in missing:
+            failures.append(Failure(node, self.cameras.get(node), "no-reply",
+                                    f"no reply within round-timeout = {self.timeout:g} s; a later reply is discarded"
+                                    if self.timeout else "no reply"))
+        for node, reply in sorted(replies.items()):
+            if reply.has_error():
+                code, reason = reply.error.code, reply.error.reason or ""
+                kind = "raised" if code in APP_FAILURE_CODES else "unavailable"
+                failures.append(Failure(node, self.cameras.get(node), kind,
+                                        f"{APP_FAILURE_CODES.get(code, f'error code {code}')}: {reason}"))
+                continue
+            state, problem = self.decode(reply)
             if problem:
-                LOG.warning("ignoring the reply of node %d: %s", message.metadata.src_node_id, problem)
-            else:
-                usable.append((message, state))
-        return sorted(usable, key=lambda u: (int(u[0].content[METRICS].get("camera", 0)), u[0].metadata.src_node_id))
+                failures.append(Failure(node, self.cameras.get(node), "rejected", f"reply ignored: {problem}"))
+                continue
+            self.cameras[node] = int(reply.content[METRICS].get("camera", 0))
+            usable.append((reply, state))
+        for failure in failures:
+            (LOG.error if failure.recurs else LOG.warning)(
+                "round %d: node %d (camera %s) %s: %s", server_round, failure.node_id,
+                "?" if failure.camera is None else failure.camera, failure.kind, failure.reason)
+        usable.sort(key=lambda u: (int(u[0].content[METRICS].get("camera", 0)), u[0].metadata.src_node_id))
+        return Screening(usable, failures)
 
-    def _decode(self, message: Message) -> tuple[StateDict, str]:
+    def decode(self, message: Message) -> tuple[StateDict, str]:
+        """(shared state, "") of a conforming reply, else ({} or the state, what is wrong with it)."""
         content = message.content
         if ARRAYS not in content.array_records or METRICS not in content.metric_records:
             return {}, f"expected records '{ARRAYS}' and '{METRICS}', got {sorted(content.keys())}"
         weight = content[METRICS].get(WEIGHT_KEY)
-        if not isinstance(weight, (int, float)) or weight <= 0:
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
             return {}, f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
-        state = arrays_to_state(content[ARRAYS])
-        return state, conformity_error(state, self.expected)
+        try:
+            state = arrays_to_state(content[ARRAYS])
+        except (TypeError, ValueError) as err:
+            return {}, f"arrays cannot be read: {err}"
+        problem = conformity_error(state, self.expected)
+        if not problem:
+            problem = next((f"'{k}' holds non-finite values" for k, v in state.items()
+                            if v.is_floating_point() and not bool(torch.isfinite(v).all())), "")
+        return state, problem
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+    def cannot_train(self, screening: Screening) -> bool:
+        """True when the round averaged nothing and would not even if every transient failure had replied:
+        the remaining failures repeat every round, so the run cannot train."""
+        transient = sum(not f.recurs for f in screening.failures)
+        return len(screening.usable) < self.min_train_nodes and len(screening.usable) + transient < self.min_train_nodes
+
+    # -------------------------------------------------------------------------------------- average
+    def average(self, server_round: int,
+                usable: list[tuple[Message, StateDict]]) -> tuple[ArrayRecord | None, MetricRecord]:
         """(averaged arrays, weighted-mean metrics + ``clients``); (None, metrics) if too few replied."""
-        usable = self.usable_replies(replies)
         if not usable or len(usable) < self.min_train_nodes:
             LOG.warning("round %d: %d usable replies < min-train-clients (%d); global weights unchanged",
                         server_round, len(usable), self.min_train_nodes)
@@ -91,6 +222,34 @@ class CameraFedAvg(FedAvg):
         metrics = weighted_metrics([m.content[METRICS] for m, _ in usable], weights)
         metrics["clients"] = len(usable)
         return state_to_arrays(weighted_average([s for _, s in usable], weights)), MetricRecord(metrics)
+
+    # ----------------------------------------------------- flwr.serverapp.strategy.Strategy interface
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.train_messages(server_round, arrays, config, self.sample(grid, server_round))
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        screening = self.screen(server_round, {m.metadata.src_node_id: m for m in replies}, [])
+        return self.average(server_round, screening.usable)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # the server evaluates the global model on the test split itself
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None
+
+    def summary(self) -> None:
+        LOG.info("CameraFedAvg: fraction-train %g, min-train-clients %d, min-available-clients %d, "
+                 "round-timeout %s", self.fraction_train, self.min_train_nodes, self.min_available_nodes,
+                 f"{self.timeout:g} s" if self.timeout else "none")
+
+
+def sample_score(seed: int, server_round: int, partition_id: int) -> int:
+    """A 64-bit score that depends only on (seed, round, partition-id): the lowest scores are sampled."""
+    digest = hashlib.sha256(f"camfed-sample/{seed}/{server_round}/{partition_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 def weighted_metrics(records: list[MetricRecord], weights: list[float]) -> dict[str, float]:

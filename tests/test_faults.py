@@ -1,0 +1,234 @@
+"""Faults: recurring client errors stop the run loudly; transient ones, hung or killed nodes, a killed
+SuperLink and garbage replies are survived.
+
+In-process tests (fast) check the server's rules on ``InProcessGrid``; the real-process tests start a
+SuperLink and SuperNodes on 127.0.0.1 (helpers of test_federation_deployment.py), inject the fault with
+signals to processes they started, and stop everything in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_run_config
+from flwr.app import Array, Message, MetricRecord, RecordDict
+from test_federation_deployment import CAMERAS, deployment, kill_now, supernode, wait_for_nodes
+
+from camfed.inprocess import InProcessGrid
+from client.app import app as client_app
+from common.config import load_config
+from common.federated.launch import descendants, flwr_run, run_failure, run_status, tool_env
+from common.federated.server import CHECKPOINT, FAILURE_FILE, FederationFailed, run_federation
+from common.federated.strategy import APP_FAILURE_CODES
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _echo(message: Message, context) -> Message:
+    """A client that trains instantly: it returns the global weights, as camera partition-id + 1 with 10 images."""
+    camera = int(context.node_config["partition-id"]) + 1
+    metrics = MetricRecord({"num-examples": 10, "camera": camera, "loss": 1.0})
+    return Message(RecordDict({"arrays": message.content["arrays"], "metrics": metrics}), reply_to=message)
+
+
+# ------------------------------------------------------------------------------------------- in-process
+
+
+def test_app_failure_codes_are_flowers():
+    from flwr.common.constant import ErrorCode
+
+    assert set(APP_FAILURE_CODES) == {ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                      ErrorCode.MOD_FAILED_PRECONDITION, ErrorCode.INVALID_FAB}
+
+
+def test_recurring_client_errors_stop_the_run_after_the_first_round(tiny_run_config):
+    """2 nodes for 3 cameras: every ClientApp raises the same ConfigError; the run stops after round 1."""
+    config = load_config(tiny_run_config)
+    with pytest.raises(FederationFailed, match="3 training cameras"):
+        run_federation(InProcessGrid(client_app, 2, tiny_run_config), config)
+    out = Path(config.output_dir)
+    failure = json.loads((out / FAILURE_FILE).read_text())
+    assert failure["round"] == 1 and failure["clients"] == 0
+    assert [f["kind"] for f in failure["failures"]] == ["raised", "raised"]
+    assert all("ConfigError" in f["reason"] and "3 training cameras" in f["reason"] for f in failure["failures"])
+    assert [r["round"] for r in _records(out / "rounds.jsonl")] == [1] and not (out / "metrics.jsonl").exists()
+    assert run_failure(out, since=0).startswith("round 1:")  # what `camfed federate` reports, exiting with 1
+    assert run_failure(out, since=time.time() + 60) == ""  # an older run's failure is not this run's
+
+
+def test_non_finite_or_misshapen_weights_are_ignored_and_the_model_stays_finite(tiny_run_config):
+    def faulty(message: Message, context) -> Message:
+        reply = _echo(message, context)
+        arrays, pid = reply.content["arrays"], int(context.node_config["partition-id"])
+        shape = arrays["bottleneck.weight"].shape
+        if pid == 0:
+            arrays["bottleneck.weight"] = Array(np.full(shape, np.nan, dtype=np.float32))
+        elif pid == 1:
+            arrays["bottleneck.weight"] = Array(np.zeros((shape[0] + 1,), dtype=np.float32))
+        return reply
+
+    config = load_config({**tiny_run_config, "num-server-rounds": 1, "min-train-clients": 1})
+    run_federation(InProcessGrid(faulty, 3, tiny_run_config), config)
+    out = Path(config.output_dir)
+    [record] = _records(out / "rounds.jsonl")
+    assert (record["clients"], record["aggregated"]) == (1, True)
+    reasons = {f["node_id"]: f["reason"] for f in record["failures"] if f["kind"] == "rejected"}
+    assert "non-finite" in reasons[1001] and "bottleneck.weight" in reasons[1002]
+    model = torch.load(out / CHECKPOINT, weights_only=False)["model"]
+    assert all(bool(torch.isfinite(v).all()) for v in model.values() if v.is_floating_point())
+
+
+def test_round_timeout_closes_the_round_without_the_late_camera(tiny_run_config):
+    def slow(message: Message, context) -> Message:
+        if context.node_config["partition-id"] == 2:
+            time.sleep(7)  # longer than round-timeout: the reply comes after the message's TTL
+        return _echo(message, context)
+
+    config = load_config({**tiny_run_config, "num-server-rounds": 1, "round-timeout": 4})
+    run_federation(InProcessGrid(slow, 3, tiny_run_config), config)
+    [record] = _records(Path(config.output_dir) / "rounds.jsonl")
+    assert (record["sampled"], record["clients"], record["aggregated"]) == (3, 2, True)
+    [failure] = record["failures"]
+    assert failure["node_id"] == 1003 and failure["kind"] == "no-reply" and "round-timeout = 4 s" in failure["reason"]
+
+
+# ------------------------------------------------------------------------------------- real processes
+
+
+def _config_file(tmp_path: Path, values: dict) -> str:
+    return str(write_run_config(tmp_path / "run.toml", values))
+
+
+def test_a_federation_that_cannot_train_fails_loudly(tiny_run_config, tmp_path):
+    """The reported case: fewer SuperNodes than cameras.  Every ClientApp raises; the ServerApp stops after
+    round 1 with the clients' errors in failure.json and the run's status is failed."""
+    values = {**tiny_run_config, "min-available-clients": 2, "min-train-clients": 2}
+    with deployment(tmp_path, nodes=2) as (flwr_home, _, _, _):
+        run_id, output = flwr_run(ROOT, flwr_home, _config_file(tmp_path, values), timeout=300, echo=False)
+        assert run_id is not None, output
+        assert run_status(flwr_home, run_id) == "finished:failed", output[-3000:]
+    out = Path(values["output-dir"])
+    failure = json.loads((out / FAILURE_FILE).read_text())
+    assert failure["round"] == 1 and len(failure["failures"]) == 2
+    assert all(f["kind"] == "raised" and "3 training cameras" in f["reason"] for f in failure["failures"])
+    assert "3 training cameras" in output  # the clients' errors are in the server log
+    assert len(_records(out / "rounds.jsonl")) == 1 and not (out / "metrics.jsonl").exists()
+
+
+def _start_run(flwr_home: Path, run_config: str) -> int:
+    """``flwr run`` without streaming; the run id."""
+    result = subprocess.run(["flwr", "run", str(ROOT), "camfed-local", "--run-config", run_config],
+                            env=tool_env(flwr_home), capture_output=True, text=True, timeout=120)
+    return int(result.stdout.split("Successfully started run")[1].split()[0])
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def _wait_finished(flwr_home: Path, run_id: int, timeout: float) -> str:
+    _wait_for(lambda: not run_status(flwr_home, run_id).startswith(("pending", "starting", "running")), timeout,
+              f"run {run_id} to finish")
+    return run_status(flwr_home, run_id)
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_is_left_out_then_rejoins_with_its_private_state(tiny_run_config, tmp_path):
+    """Camera 3's SuperNode is SIGKILLed during round 2 and started again: round 2 is averaged over the
+    other two, and in round 3 the camera trains again from its round-1 private state."""
+    values = {**tiny_run_config, "num-server-rounds": 3, "eval-every": 3, "min-available-clients": CAMERAS - 1,
+              "min-train-clients": CAMERAS - 1, "round-timeout": 120}
+    out = Path(values["output-dir"])
+    with deployment(tmp_path) as (flwr_home, address, _, nodes):
+        wait_for_nodes(flwr_home, CAMERAS)
+        run_id = _start_run(flwr_home, _config_file(tmp_path, values))
+        _wait_for(lambda: len(_records(out / "rounds.jsonl")) >= 1, 600, "round 1")
+        kill_now(nodes[2])
+        with supernode(flwr_home, address, 2, tmp_path / "supernode-2-again.log", tmp_path):
+            assert _wait_finished(flwr_home, run_id, 900) == "finished:completed"
+    rounds = _records(out / "rounds.jsonl")
+    assert [r["clients"] for r in rounds] == [CAMERAS, CAMERAS - 1, CAMERAS]
+    assert [f["kind"] for f in rounds[1]["failures"]] in (["unavailable"], ["no-reply"])
+    saved = sorted(p.name.split("-round-")[1] for p in (out / "client-state" / "camera-3").glob("*.pt"))
+    assert saved == ["00001.pt", "00003.pt"]  # no round-2 state: round 3 continued from round 1's
+
+
+def _clientapp_pids(process: subprocess.Popen) -> list[int]:
+    """``flwr-clientapp`` processes under a SuperNode."""
+    pids = []
+    for pid in descendants(process.pid):
+        try:
+            if b"flwr-clientapp" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                pids.append(pid)
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.slow
+def test_a_hanging_clientapp_is_cut_off_by_the_round_timeout(tiny_run_config, tmp_path):
+    """Camera 3's ClientApp is stopped (SIGSTOP) in round 1 while its SuperNode stays connected: the round
+    closes at round-timeout with the other two; resumed after that, its late reply is refused; round 2 has all."""
+    values = {**tiny_run_config, "min-available-clients": CAMERAS, "min-train-clients": CAMERAS - 1,
+              "round-timeout": 45}
+    out = Path(values["output-dir"])
+    with deployment(tmp_path) as (flwr_home, _, _, nodes):
+        wait_for_nodes(flwr_home, CAMERAS)
+        run_id = _start_run(flwr_home, _config_file(tmp_path, values))
+        _wait_for(lambda: _clientapp_pids(nodes[2]), 600, "camera 3's ClientApp")
+        stopped = _clientapp_pids(nodes[2])
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        _wait_for(lambda: len(_records(out / "rounds.jsonl")) >= 1, 600, "round 1 to close")
+        for pid in stopped:
+            os.kill(pid, signal.SIGCONT)
+        assert _wait_finished(flwr_home, run_id, 900) == "finished:completed"
+    rounds = _records(out / "rounds.jsonl")
+    assert [r["clients"] for r in rounds] == [CAMERAS - 1, CAMERAS]
+    [failure] = rounds[0]["failures"]
+    assert failure["kind"] == "no-reply" and "round-timeout = 45 s" in failure["reason"]
+    assert 45 <= rounds[0]["seconds"] < 120
+
+
+@pytest.mark.slow
+def test_a_killed_superlink_resumed_equals_an_uninterrupted_run(tiny_run_config, tmp_path):
+    """SuperLink, its ServerApp and the SuperNodes are SIGKILLed after round 1's checkpoint; a new deployment
+    with resume=true ends with exactly the weights of an uninterrupted run."""
+    plain = {**tiny_run_config, "output-dir": str(tmp_path / "plain"), "min-available-clients": CAMERAS}
+    with deployment(tmp_path / "a") as (flwr_home, _, _, _):
+        run_id, output = flwr_run(ROOT, flwr_home, _config_file(tmp_path / "a", plain), timeout=600, echo=False)
+        assert run_status(flwr_home, run_id) == "finished:completed", output[-3000:]
+
+    crashed = {**plain, "output-dir": str(tmp_path / "crashed")}
+    out = Path(crashed["output-dir"])
+    with deployment(tmp_path / "b") as (flwr_home, _, superlink, nodes):
+        wait_for_nodes(flwr_home, CAMERAS)
+        _start_run(flwr_home, _config_file(tmp_path / "b", crashed))
+        _wait_for(lambda: len(_records(out / "rounds.jsonl")) >= 1 and
+                  torch.load(out / CHECKPOINT, weights_only=False)["round"] == 1, 600, "round 1's checkpoint")
+        for process in (superlink, *nodes):
+            kill_now(process)
+    resumed = {**crashed, "resume": True}
+    with deployment(tmp_path / "c") as (flwr_home, _, _, _):
+        run_id, output = flwr_run(ROOT, flwr_home, _config_file(tmp_path / "c", resumed), timeout=600, echo=False)
+        assert run_status(flwr_home, run_id) == "finished:completed", output[-3000:]
+
+    a = torch.load(tmp_path / "plain" / CHECKPOINT, weights_only=False)
+    b = torch.load(out / CHECKPOINT, weights_only=False)
+    assert a["round"] == b["round"] == 2
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
