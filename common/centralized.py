@@ -26,8 +26,13 @@ def train_centralized(config: Config) -> list[dict]:
     Writes ``output_dir/metrics.jsonl`` (one object per evaluation), ``config.json`` and ``checkpoint.pt``;
     the output folder follows ``common.rundir.open_run`` (``resume`` continues the run there, ``overwrite``
     replaces it).  Every epoch is seeded from (``seed``, epoch), so a resumed run equals an uninterrupted
-    one.  Returns the evaluation records of this call.
+    one.  Returns the evaluation records of this call.  ``method = "calr"`` trains CALR without identity labels
+    (``common.calr``); every other method trains supervised here.
     """
+    if config.method == "calr":
+        from common.calr import train_calr_centralized
+
+        return train_calr_centralized(config)
     output_dir = Path(config.output_dir)
     checkpoint = open_run(config)
     dataset = load_dataset(config)

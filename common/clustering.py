@@ -48,8 +48,8 @@ def jaccard_distance(features: torch.Tensor, k1: int = 15, k2: int = 4, max_dist
         s = overlap.sums(rows)
         dist = (2.0 - 2.0 * s).div_(2.0 - s).clamp_(0.0, 1.0)
         local, col = torch.nonzero((s > 0) & (dist < max_distance), as_tuple=True)
-        rows_out.append((local + rows[0]).cpu())
-        cols_out.append(col.cpu())
+        rows_out.append((local + rows[0]).to("cpu", torch.int32))  # int32: half the memory of int64 indices
+        cols_out.append(col.to("cpu", torch.int32))
         vals_out.append(dist[local, col].cpu())
     row, col, val = torch.cat(rows_out).numpy(), torch.cat(cols_out).numpy(), torch.cat(vals_out).numpy()
     return scipy.sparse.csr_matrix((val, (row, col)), shape=(n, n), dtype=np.float32)

@@ -31,9 +31,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "neck_feat": ("before", "after"),
     "optimizer": ("adam", "sgd"),
     "distance": ("cosine", "euclidean"),
-    "method": ("fedavg", "fedprox", "pem"),
+    "method": ("fedavg", "fedprox", "pem", "calr"),
     "pem_variant": ("baseline", "pkd", "scm", "pkd+scm", "full"),
     "pem_partner": ("random", "hard"),
+    "calr_refine_schedule": ("cosine", "constant"),
 }
 
 # post-processing steps, applied in the order the user gives (common/postprocess.py)
@@ -118,6 +119,23 @@ class Config:
     pem_cycle_weight: float = 1.0
     pem_synth_weight: float = 1.0
     pem_min_keypoint_score: float = 0.3
+    # CALR (method = "calr", unsupervised: identity labels are never read in training; common/calr.py)
+    calr_intra_epochs: int = 25  # intra-camera stage epochs per camera (centralized)
+    calr_intra_k1: int = 15  # Jaccard distance of the intra-camera clustering
+    calr_intra_k2: int = 4
+    calr_intra_eps: float = 0.6  # DBSCAN radius on the Jaccard distance
+    calr_min_samples: int = 4  # DBSCAN core-point neighbourhood size (itself included)
+    calr_knn: int = 15  # global clustering: kNN graph (the point itself counted) for Infomap
+    calr_max_distance: float = 0.5  # kNN-graph edges need cosine distance <= this
+    calr_max_outlier_size: int = 4  # global clusters of <= this many images are outliers
+    calr_temperature: float = 0.05  # cluster memory
+    calr_memory_momentum: float = 0.1
+    calr_refine: bool = True  # pivot-based refinement of global clusters by local ones
+    calr_refine_schedule: str = "cosine"  # drop probability per epoch: cosine (self-paced) | constant (1)
+    calr_align_epochs: int = 3  # camera alignment (gradient reversal) in the first epochs; 0 = off
+    calr_align_alpha: float = 1.0
+    calr_align_hidden: int = 100
+    calr_gem_p: float = 3.0  # initial GeM exponent (learned)
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -158,8 +176,27 @@ class Config:
         for name in ("flip_prob", "random_erasing", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be in [0, 1]")
+        self._check_calr()
         self.lr_step_list  # parses or raises
         self.post_steps
+
+    def _check_calr(self) -> None:
+        """Bounds of the CALR keys (names and ranges in the messages)."""
+        for name in ("calr_intra_k1", "calr_intra_k2", "calr_min_samples", "calr_align_hidden", "calr_temperature",
+                     "calr_gem_p"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be > 0, got {getattr(self, name)}")
+        for name in ("calr_intra_epochs", "calr_max_outlier_size", "calr_align_epochs", "calr_align_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be >= 0, got {getattr(self, name)}")
+        if self.calr_knn < 2:
+            raise ConfigError(f"config key 'calr-knn' must be >= 2 (the point itself and a neighbour), got {self.calr_knn}")
+        ranges = {"calr_intra_eps": ("(0, 1): a Jaccard distance", 0.0 < self.calr_intra_eps < 1.0),
+                  "calr_max_distance": ("(0, 2]: a cosine distance", 0.0 < self.calr_max_distance <= 2.0),
+                  "calr_memory_momentum": ("[0, 1)", 0.0 <= self.calr_memory_momentum < 1.0)}
+        for name, (text, ok) in ranges.items():
+            if not ok:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be in {text}, got {getattr(self, name)}")
 
     # ------------------------------------------------------------ derived views
     @property

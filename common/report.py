@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from common.config import Config, ConfigError
-from common.models.reid import ReIDModel, build_model
+from common.methods import get_method
+from common.models.reid import ReIDModel
 
 METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 
@@ -21,7 +22,7 @@ def load_checkpoint_model(path: Path, config: Config) -> ReIDModel:
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise ValueError(f"checkpoint {path} holds no model state dict")
-    model = build_model(config)
+    model = get_method(config.method).shared_model(config)  # the method's architecture (CALR: GeM)
     shared = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
     missing, unexpected = model.load_state_dict(shared, strict=False)
     if missing or [k for k in unexpected if not k.startswith("pem.")]:

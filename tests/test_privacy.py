@@ -19,6 +19,7 @@ from common.federated.state import PrivateStateStore, state_dir
 from common.methods import get_method
 
 ALLOWED_METRICS = {"loss", "ce", "triplet", "accuracy", "prox", "local-seconds", "num-examples", "camera"}
+ALLOWED_METRICS |= {"calr_clusters", "calr_outlier_fraction"}  # CALR: number of local clusters, outlier share
 
 
 def assert_only_shared_weights_and_scalars(reply: Message, shared: dict[str, torch.Tensor]) -> None:
@@ -84,3 +85,20 @@ def test_query_reply_holds_only_the_partition_id(tiny_run_config):
     reply = client_app(query, context)
     assert not reply.has_error() and set(reply.content.keys()) == {"metrics"}
     assert dict(reply.content["metrics"]) == {"partition-id": 2}
+
+
+def test_calr_reply_holds_only_shared_weights_and_cluster_counts(tiny_run_config):
+    """Federated CALR (no sharing switch exists: nothing beyond this is ever sent) replies with the shared
+    weights (backbone, GeM, BNNeck) and scalars; pseudo-labels, features and centroids stay on the camera."""
+    run_config = {**tiny_run_config, "method": "calr"}
+    config = load_config(run_config)
+    InProcessGrid(client_app, 3, run_config)
+    shared = get_method("calr").initial_shared_state(config)
+    assert "gem.p" in shared
+    context = Context(run_id=1, node_id=1001, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config=run_config)
+    reply = client_app(_train_message(shared), context)
+    assert_only_shared_weights_and_scalars(reply, shared)
+    assert {"calr_clusters", "calr_outlier_fraction"} <= set(reply.content["metrics"])
+    partition = camera_partition(load_node_dataset(config), 0, 3)
+    assert PrivateStateStore(state_dir(config, partition.camid)).load("0123abcd", before_round=2) == {}
