@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from common.config import ConfigError, load_config
+from common.config import ConfigError, load_config, parse_run_config
+from common.rundir import CHECKPOINT
 
 RUN_CONFIG_HELP = "a TOML file or \"key=value ...\" pairs with the run-config keys (e.g. \"backbone='resnet18' epochs=1\")"
 
@@ -56,6 +57,12 @@ def _cmd_federate(args) -> int:
     return run_from_args(args)
 
 
+def _cmd_experiment(args) -> int:
+    from common.experiment import run_from_args
+
+    return run_from_args(args)
+
+
 def _cmd_train_centralized(args) -> None:
     from common.centralized import train_centralized
 
@@ -76,8 +83,8 @@ def _cmd_pose(args) -> None:
 def _cmd_evaluate(args) -> None:
     from common.pipeline import evaluate_checkpoint
 
-    evaluate_checkpoint(Path(args.checkpoint) if args.checkpoint else None, load_config(args.run_config), post=args.post,
-                        output_dir=Path(args.output) if args.output else None)
+    evaluate_checkpoint(Path(args.checkpoint) if args.checkpoint else None, parse_run_config(args.run_config),
+                        post=args.post, output_dir=Path(args.output) if args.output else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,6 +126,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(federate)
     federate.set_defaults(func=_cmd_federate)
 
+    experiment = sub.add_parser(
+        "experiment", help="a grid of runs (methods x seeds) on identical partitions, with paired statistics",
+        description="Run every method with every seed on the same cameras (the base --run-config), resumable "
+                    "run by run, and write DIR/experiment.{md,json,png}: per run mAP / rank-1 / mINP, per "
+                    "method mean ± 95% CI, and the paired difference to fedavg per seed.")
+    experiment.add_argument("--run-config", default="", help=RUN_CONFIG_HELP + " (shared by every run)")
+    experiment.add_argument("--methods", default="fedavg,pem,centralized",
+                            help="comma-separated: centralized, fedavg, fedprox, moon, pem, pem-baseline, pem-pkd, "
+                                 "pem-scm, pem-pkd+scm, pem-nomask, pem-hard, or a name given with --method")
+    experiment.add_argument("--method", action="append", metavar="NAME=\"key=value ...\"",
+                            help="define a method by its run-config overrides (repeatable)")
+    experiment.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (paired across methods)")
+    experiment.add_argument("--out", required=True, help="the experiment folder (runs, tables, plot)")
+    experiment.set_defaults(func=_cmd_experiment)
+
     central = sub.add_parser("train-centralized", help="train on all cameras together (upper bound)")
     central.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
     central.set_defaults(func=_cmd_train_centralized)
@@ -146,9 +168,31 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError, RuntimeError, TimeoutError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError, TimeoutError) as err:
         print(f"camfed {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"camfed {args.command}: interrupted{_resume_hint(args)}", file=sys.stderr)
+        return 130
+
+
+def _resume_hint(args) -> str:
+    """``; checkpoint at …`` advice for a command interrupted while writing a run (empty for other commands)."""
+    if args.command not in ("train-centralized", "federate"):
+        return ""
+    try:
+        output_dir = Path(load_config(args.run_config).output_dir if args.command == "train-centralized"
+                          else _federation_output_dir(args))
+    except (ConfigError, OSError):
+        return ""
+    checkpoint = output_dir / CHECKPOINT
+    return f"; checkpoint at {checkpoint} - resume with resume=true" if checkpoint.is_file() else ""
+
+
+def _federation_output_dir(args) -> str:
+    from common.federated.launch import app_config
+
+    return str(app_config(Path(args.app).expanduser().resolve(), args.run_config).output_dir)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -31,7 +32,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "neck_feat": ("before", "after"),
     "optimizer": ("adam", "sgd"),
     "distance": ("cosine", "euclidean"),
-    "method": ("fedavg", "fedprox", "pem", "calr"),
+    "method": ("fedavg", "fedprox", "moon", "pem", "calr"),
     "pem_variant": ("baseline", "pkd", "scm", "pkd+scm", "full"),
     "pem_partner": ("random", "hard"),
     "calr_refine_schedule": ("cosine", "constant"),
@@ -43,7 +44,12 @@ POST_STEPS = ("flip", "nfc", "ipg", "rerank")
 
 @dataclass
 class Config:
-    """All settings; field ``foo_bar`` is the run-config key ``foo-bar``."""
+    """All settings; field ``foo_bar`` is the run-config key ``foo-bar``.
+
+    The defaults are the CPU demo (4 synthetic cameras, ImageNet EfficientNet-Lite0 at 128x64, 5 rounds of
+    3 local epochs); ``configs/*.toml`` hold the paper's settings.  pyproject.toml's
+    ``[tool.flwr.app.config]`` is generated from these defaults (``python -m common.app_config``).
+    """
 
     # data
     dataset: str = "synthetic"
@@ -54,26 +60,28 @@ class Config:
     synth_seed: int = 0
     synth_pose_band: float = 1.0  # widens every synthetic camera's pose band (viewpoint and gait spread)
     pose_file: str = ""  # interchange .npz (METHODS.md §3); empty = <data_dir>/poses.npz if present
-    height: int = 256
-    width: int = 128
+    height: int = 128
+    width: int = 64
     num_instances: int = 4  # K of the P×K sampler
-    batch_size: int = 64  # P×K
+    batch_size: int = 32  # P×K
     num_workers: int = 0
     flip_prob: float = 0.5
     pad: int = 10
     random_erasing: float = 0.5
     # model
-    backbone: str = "resnet50"
-    pretrained: str = "none"  # none | imagenet | path to a state dict
+    backbone: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"  # none | imagenet | path to a state dict (Lite0's ImageNet weights load offline)
     last_stride: int = 1
     neck_feat: str = "after"  # test feature before or after the BNNeck's BN
+    freeze_stages: int = 0  # first backbone stages frozen (not trained, not sent); needs pretrained weights
+    cache_frozen: bool = False  # frozen stages run once per image (and its mirror); needs pad=0, random-erasing=0
     # optimisation (local training of every method, centralized training)
     optimizer: str = "adam"
-    lr: float = 3.5e-4
+    lr: float = 1e-3
     weight_decay: float = 5e-4
     momentum: float = 0.9
-    warmup_epochs: int = 10
-    lr_steps: str = "40,70"  # epochs (centralized) or rounds (federated) at which lr *= lr_gamma
+    warmup_epochs: int = 0
+    lr_steps: str = ""  # epochs (centralized) or rounds (federated) at which lr *= lr_gamma
     lr_gamma: float = 0.1
     epochs: int = 120
     label_smoothing: float = 0.1
@@ -83,7 +91,7 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     seed: int = 0
     # evaluation
-    eval_every: int = 10  # epochs (centralized) or rounds (federated)
+    eval_every: int = 1  # epochs (centralized) or rounds (federated)
     flip_test: bool = False
     distance: str = "cosine"
     post: str = ""  # post-processing steps in order, e.g. "flip,nfc,rerank" (common/pipeline.py)
@@ -95,17 +103,20 @@ class Config:
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
     # output
-    output_dir: str = "outputs/run"
+    output_dir: str = "outputs/flwr-run"
     resume: bool = False
+    overwrite: bool = False  # replace a run already in output-dir (common/rundir.py)
     # federation
     method: str = "fedavg"
-    num_server_rounds: int = 3
-    local_epochs: int = 1
+    num_server_rounds: int = 5
+    local_epochs: int = 3
     fraction_train: float = 1.0
     min_train_clients: int = 2
     min_available_clients: int = 2
     round_timeout: float = 3600.0  # seconds a round waits for replies (late ones are discarded); 0 = no limit
     prox_mu: float = 0.01
+    moon_mu: float = 1.0  # weight of MOON's model-contrastive loss
+    moon_temperature: float = 0.5
     state_dir: str = ""  # client private state; empty = <output_dir>/client-state
     # PEM (method = "pem")
     pem_variant: str = "full"
@@ -113,12 +124,12 @@ class Config:
     pem_partner: str = "random"
     pem_reduction: int = 16
     pem_expert_epochs: int = 1
-    pem_epochs: int = 1
+    pem_epochs: int = 1  # 0: PEM is never trained (a control: stage 3 swaps with the initial attention)
     pem_lr: float = 1e-3
     pem_pose_weight: float = 1.0
     pem_cycle_weight: float = 1.0
-    pem_synth_weight: float = 1.0
     pem_min_keypoint_score: float = 0.3
+    pem_min_usable_poses: float = 0.5  # least share of a camera's images with a usable pose
     # CALR (method = "calr", unsupervised: identity labels are never read in training; common/calr.py)
     calr_intra_epochs: int = 25  # intra-camera stage epochs per camera (centralized)
     calr_intra_k1: int = 15  # Jaccard distance of the intra-camera clustering
@@ -169,16 +180,50 @@ class Config:
             )
         if not 0.0 < self.synth_pose_band <= 30.0:
             raise ConfigError(f"config key 'synth-pose-band' must be in (0, 30], got {self.synth_pose_band}")
+        for name in ("freeze_stages", "pem_epochs", "pem_expert_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be >= 0, got {getattr(self, name)}")
+        if self.freeze_stages and self.pretrained in ("", "none"):
+            raise ConfigError("config key 'freeze-stages' > 0 needs pretrained weights ('pretrained'): "
+                              "frozen random layers would differ between cameras and learn nothing")
+        if self.cache_frozen and (not self.freeze_stages or self.pad or self.random_erasing or self.flip_test):
+            raise ConfigError("config key 'cache-frozen' = true needs 'freeze-stages' > 0 and augmentation that the "
+                              "cache can hold: 'pad' = 0, 'random-erasing' = 0, 'flip-test' = false (got "
+                              f"{self.freeze_stages}, {self.pad}, {self.random_erasing}, {self.flip_test})")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}")
-        if self.round_timeout < 0:
-            raise ConfigError(f"config key 'round-timeout' must be >= 0 (0 = no limit), got {self.round_timeout}")
         for name in ("flip_prob", "random_erasing", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be in [0, 1]")
+        self._check_ranges()
         self._check_calr()
         self.lr_step_list  # parses or raises
         self.post_steps
+
+    def _check_ranges(self) -> None:
+        """Bounds, patterns and combinations of keys that ``validate``'s type and choice checks do not cover."""
+        for name in ("lr", "lr_gamma", "nfc_k1", "nfc_k2", "rerank_k1", "rerank_k2", "pem_lr"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be > 0, got {getattr(self, name)}")
+        for name in ("pad", "num_workers", "warmup_epochs", "weight_decay", "momentum", "prox_mu", "ipg_eta",
+                     "rerank_lambda", "pem_pose_weight", "pem_cycle_weight", "round_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be >= 0, got {getattr(self, name)}")
+        if self.num_instances < 2:
+            raise ConfigError(f"config key 'num-instances' must be >= 2 (the triplet loss needs two images of an "
+                              f"identity per batch), got {self.num_instances}")
+        if self.last_stride not in (1, 2):
+            raise ConfigError(f"config key 'last-stride' must be 1 or 2, got {self.last_stride}")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"config key 'device' = {self.device!r}; expected auto, cpu, mps, cuda or cuda:N")
+        if not 0.0 <= self.pem_min_usable_poses <= 1.0:
+            raise ConfigError(f"config key 'pem-min-usable-poses' must be in [0, 1], got {self.pem_min_usable_poses}")
+        if self.resume and self.overwrite:
+            raise ConfigError("config keys 'resume' and 'overwrite' exclude each other: continue the run in "
+                              "output-dir or replace it, not both")
+        if "ipg" in self.post_steps and not self.ipg_features:
+            raise ConfigError("config key 'ipg-features': the 'ipg' post-processing step needs a file of "
+                              "generated-image features")
 
     def _check_calr(self) -> None:
         """Bounds of the CALR keys (names and ranges in the messages)."""
@@ -257,22 +302,36 @@ def parse_run_config(text: str) -> dict[str, Any]:
             except tomllib.TOMLDecodeError as err:
                 raise ConfigError(f"run config file {path} is not valid TOML: {err}") from None
         return _flatten(data)
-    try:
-        return _flatten(tomllib.loads("\n".join(_split_pairs(text))))
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"cannot parse run config {text!r}: {err}") from None
+    values: dict[str, Any] = {}
+    for pair in _split_pairs(text):
+        try:
+            values.update(_flatten(tomllib.loads(pair)))
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(_pair_error(pair, err)) from None
+    return values
+
+
+def _pair_error(pair: str, err: Exception) -> str:
+    """One line for a ``key=value`` pair that is not TOML, naming the key; unquoted text gets a quoting hint."""
+    key, equals, value = pair.partition("=")
+    if not equals:
+        return f"cannot parse run config entry {pair!r}: expected key=value"
+    if value and value[0] not in "'\"" and not value[0].isdigit() and value not in ("true", "false"):
+        return f"config key '{key.strip()}': cannot parse {value!r}; quote strings: {key.strip()}='{value}'"
+    return f"config key '{key.strip()}': cannot parse {value!r} ({err})"
 
 
 def write_run_config(path: Path, values: Mapping[str, Any]) -> Path:
     """Write a flat run-config mapping as a TOML file (for ``--run-config <file>``); returns ``path``."""
-
-    def toml_value(value: Any) -> str:
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return json.dumps(value) if isinstance(value, str) else repr(value)
-
     path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
     return path
+
+
+def toml_value(value: str | int | float | bool) -> str:
+    """A config value as TOML text."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
 
 
 def _split_pairs(text: str) -> list[str]:

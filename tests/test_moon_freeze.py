@@ -83,3 +83,32 @@ def test_freeze_stages_errors_name_the_key(tiny_run_config, lite0_run_config):
     config = load_config({**lite0_run_config, "freeze-stages": 9})
     with pytest.raises(ConfigError, match="freeze-stages.*9 stages"):
         get_method("fedavg").initial_shared_state(config)
+
+
+def test_cached_frozen_outputs_give_the_models_features(lite0_run_config):
+    """cache-frozen: the loaders yield the frozen stages' outputs, and the model built from the same config
+    computes from them the features it computes from the images (up to the cache's float16)."""
+    from common.data.loading import test_loader, train_loader
+    from common.evaluation import extract_features
+    from common.models.reid import build_model
+
+    settings = {**lite0_run_config, "freeze-stages": 7, "pad": 0, "random-erasing": 0.0}
+    plain, cached = load_config(settings), load_config({**settings, "cache-frozen": True})
+    records = load_dataset(plain).query[:20]
+    model = build_model(plain).eval()
+    reference, _, _ = extract_features(model, test_loader(records, plain), "cpu")
+    model.input_stage = 7
+    features, pids, _ = extract_features(model, test_loader(records, cached), "cpu")
+    assert list(pids) == [r.pid for r in records]
+    torch.testing.assert_close(features, reference, rtol=2e-2, atol=2e-2)
+    assert build_model(cached).input_stage == 7
+    partition = partition_by_camera(load_dataset(plain).train)[0]
+    inputs, labels, _, indices = next(iter(train_loader(partition.records, partition.labels, cached, seed=0)))
+    assert inputs.shape[1:] == (320, 2, 1) and len(inputs) == cached.batch_size
+
+
+def test_cache_frozen_needs_frozen_stages_and_flip_only_augmentation(lite0_run_config):
+    with pytest.raises(ConfigError, match="cache-frozen.*freeze-stages"):
+        load_config({**lite0_run_config, "cache-frozen": True, "pad": 0, "random-erasing": 0.0})
+    with pytest.raises(ConfigError, match="cache-frozen.*'pad' = 0"):
+        load_config({**lite0_run_config, "cache-frozen": True, "freeze-stages": 7})

@@ -239,3 +239,16 @@ def test_stage3_swapped_batch_leaves_the_bnneck_statistics_alone():
     assert torch.equal(model.bottleneck.running_mean, before[0])
     assert torch.equal(model.bottleneck.running_var, before[1])
     assert int(model.bottleneck.num_batches_tracked) == before[2]
+
+
+def test_untrained_pem_control_swaps_without_expert_or_pem_training(tiny_run_config):
+    """pem-epochs = 0: stage 3 swaps with the initial attention; no expert is trained, PEM's weights stay."""
+    config = load_config({**tiny_run_config, "method": "pem", "pem-epochs": 0})
+    method = get_method("pem")
+    shared = method.initial_shared_state(config)
+    result = method.local_round(_job(config, shared))
+    assert torch.equal(result.shared["pem.squeeze.weight"], shared["pem.squeeze.weight"])
+    assert set(result.private) == {"classifier"}
+    assert not torch.equal(result.shared["backbone.stem.0.weight"], shared["backbone.stem.0.weight"])
+    with pytest.raises(ConfigError, match="pem-epochs"):
+        load_config({**tiny_run_config, "pem-epochs": -1})

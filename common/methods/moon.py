@@ -45,8 +45,8 @@ class MOON(FedAvg):
 
         def objective(m: ReIDModel, outputs: ReIDOutput, batch: Batch) -> dict[str, torch.Tensor]:
             with torch.no_grad():
-                z_glob = global_net.pool(global_net.backbone(batch.images))
-                z_prev = previous_net.pool(previous_net.backbone(batch.images))
+                z_glob = global_net.pool(global_net.feature_map(batch.images))
+                z_prev = previous_net.pool(previous_net.feature_map(batch.images))
             con = model_contrastive_loss(outputs.features.float(), z_glob.float(), z_prev.float(),
                                          config.moon_temperature)
             return {**reid_loss(m, outputs, batch.labels, config), "moon": config.moon_mu * con}

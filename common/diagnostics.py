@@ -1,9 +1,11 @@
 """What a trained PEM does to features: is F⁺ pose, is F⁻ identity, do swapped positives keep their identity?
 
-Loads the final global model of a PEM run (backbone + BNNeck + PEM, ``checkpoint.pt``) and, on the
-test split (query + gallery) with its pose vectors, measures:
+``pem_diagnostics(config, shared)`` takes the global weights of a PEM run (backbone + BNNeck + PEM, e.g. a
+``checkpoint.pt``'s ``model``) and, on the test split (query + gallery) with its pose vectors, measures:
 
-- ``attention``: mean and spread of the channel attention A (the share of F routed to F⁺);
+- ``attention_*``: mean of the channel attention A (the share of F routed to F⁺), its spread over channels
+  (``attention_channel_std``: 0.5 for a binary channel mask) and over images (``attention_image_std``: 0 for
+  a fixed mask that ignores the input, > 0 when PEM routes channels differently for different images);
 - ``pose_corr_*``: Pearson correlation, over pairs of different identities with valid poses, between
   the pose similarity S_z and the cosine similarity of F, F⁺ and F⁻ (PKD asks for high corr of F⁺);
 - ``mAP_*``: retrieval mAP with F, F⁻ and F⁺ (pooled, before the BNNeck; cosine);
@@ -15,21 +17,16 @@ test split (query + gallery) with its pose vectors, measures:
   of the test split) is i's (``swap_keeps_id``) or δ(i)'s (``swap_takes_partner_id``).  Stage 3 trains
   with these as positives of i, so a low ``swap_keeps_id`` means noisy positives.
 
-Usage:
-  python benchmarks/pem_diagnostics.py --run-config "..." --checkpoint OUT/checkpoint.pt [--json FILE]
+``camfed experiment`` runs it on every finished PEM run and tabulates the results.
 """
 
 from __future__ import annotations
-
-import argparse
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.config import load_config, parse_run_config
+from common.config import Config
 from common.data.loading import load_dataset, test_loader
 from common.evaluation import evaluate_features
 from common.methods import get_method
@@ -40,7 +37,7 @@ from common.models.pem import recombine, swap_partners
 @torch.inference_mode()
 def pooled_features(model, loader) -> torch.Tensor:
     """Pooled backbone features F (N, d) of every test image, in loader order."""
-    return torch.cat([model.pool(model.backbone(images)) for images, *_ in loader])
+    return torch.cat([model.pool(model.feature_map(images)) for images, *_ in loader])
 
 
 def pose_correlations(z: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor,
@@ -87,10 +84,10 @@ def swap_statistics(features: torch.Tensor, plus: torch.Tensor, minus: torch.Ten
     }
 
 
-def diagnose(run_config: str, checkpoint: Path) -> dict[str, float]:
-    config = load_config(parse_run_config(run_config))
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = get_method("pem").global_model(config, state["model"]).eval()
+@torch.inference_mode()
+def pem_diagnostics(config: Config, shared: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The measurements of the module docstring for PEM global weights ``shared`` (CPU tensors)."""
+    model = get_method("pem").global_model(config, shared).eval()
     dataset = load_dataset(config)
     records = dataset.query + dataset.gallery
     features = pooled_features(model, test_loader(records, config))
@@ -102,7 +99,7 @@ def diagnose(run_config: str, checkpoint: Path) -> dict[str, float]:
     camids = np.asarray([r.camid for r in records])
     parts = {"F": features, "Fminus": minus, "Fplus": plus}
     nq = len(dataset.query)
-    result = {"round": state.get("round"), "images": len(records), "valid_pose": float(valid.float().mean()),
+    result = {"images": len(records), "valid_pose": float(valid.float().mean()),
               "attention_mean": float(attention.mean()), "attention_channel_std": float(attention.mean(0).std()),
               "attention_image_std": float(attention.std(0).mean())}
     result.update(pose_correlations(z, valid, pids, parts))
@@ -114,20 +111,3 @@ def diagnose(run_config: str, checkpoint: Path) -> dict[str, float]:
     result.update(pose_spread(train_z, train_valid, torch.as_tensor([r.pid for r in dataset.train]),
                               torch.as_tensor([r.camid for r in dataset.train])))
     return result
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run-config", required=True, help="the run's config (key=value pairs)")
-    parser.add_argument("--checkpoint", required=True, type=Path)
-    parser.add_argument("--json", type=Path, help="also write the result here")
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    result = diagnose(args.run_config, args.checkpoint)
-    print(json.dumps(result))
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()
