@@ -17,15 +17,15 @@ from common.engine import (append_jsonl, atomic_save, derived_seed, evaluate_mod
 from common.models.reid import build_model
 from common.progress import StepProgress
 from common.rundir import (CHECKPOINT, METRICS_FILE, evaluation_missing, is_evaluation_step, keep_records_up_to,
-                           load_weights, open_run)
+                           check_run_folder, load_weights, replace_old_run)
 
 
 def train_centralized(config: Config) -> list[dict]:
     """Train for ``epochs``, checkpoint every epoch, evaluate every ``eval-every`` epochs and at the end.
 
     Writes ``output_dir/metrics.jsonl`` (one object per evaluation), ``config.json`` and ``checkpoint.pt``;
-    the output folder follows ``common.rundir.open_run`` (``resume`` continues the run there, ``overwrite``
-    replaces it).  Every epoch is seeded from (``seed``, epoch), so a resumed run equals an uninterrupted
+    the output folder follows ``common.rundir`` (``resume`` continues the run there, ``overwrite`` replaces
+    it).  Every epoch is seeded from (``seed``, epoch), so a resumed run equals an uninterrupted
     one.  Returns the evaluation records of this call.  ``method = "calr"`` trains CALR without identity labels
     (``common.calr``); every other method trains supervised here.
     """
@@ -34,9 +34,10 @@ def train_centralized(config: Config) -> list[dict]:
 
         return train_calr_centralized(config)
     output_dir = Path(config.output_dir)
-    checkpoint = open_run(config)
+    checkpoint = check_run_folder(config)
     dataset = load_dataset(config)
     check_dataset(dataset)
+    replace_old_run(config)
     device = resolve_device(config.device)
     seed_everything(config.seed)
     labels = relabel(dataset.train)

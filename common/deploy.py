@@ -45,6 +45,10 @@ def split_by_camera(dataset_root: str | Path, out_dir: str | Path, dataset: str 
     A camera folder holds only that camera's training images (and its rows of the pose file,
     ``pose_file`` or ``<dataset_root>/poses.npz`` if present); ``server/`` holds query and
     gallery only.  Every folder is readable by ``common.data.readers`` on its own.
+
+    Everything is checked first (``out_dir`` empty or absent and outside the dataset, the pose file
+    readable), then written to a temporary folder beside ``out_dir`` that is renamed to ``out_dir`` at
+    the end: a failure leaves nothing behind.
     """
     if dataset not in ("market1501", "synthetic", "msmt17"):
         raise ValueError(f"split-by-camera: unknown dataset '{dataset}'; expected market1501, synthetic or msmt17")
@@ -52,22 +56,45 @@ def split_by_camera(dataset_root: str | Path, out_dir: str | Path, dataset: str 
     if not data.train:
         raise ValueError(f"split-by-camera: no training images under {data.root}")
     out_dir = Path(out_dir)
+    _check_destination(out_dir, data.root)
+    pose_path = Path(pose_file) if pose_file else data.root / POSE_FILE
+    poses = load_pose_file(pose_path) if pose_file or pose_path.is_file() else None
     by_camera: dict[int, list[ImageRecord]] = defaultdict(list)
     for record in data.train:
         by_camera[record.camid].append(record)
     writer = _write_msmt if dataset == "msmt17" else _write_market
-    folders = {}
-    for camid, records in sorted(by_camera.items()):
-        folders[camera_folder_name(camid)] = writer(data, _fresh(out_dir / camera_folder_name(camid)), records, [], [])
-    folders["server"] = writer(data, _fresh(out_dir / "server"), [], data.query, data.gallery)
-    _split_poses(data, folders, by_camera, Path(pose_file) if pose_file else data.root / POSE_FILE)
-    return folders
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        for camid, records in sorted(by_camera.items()):
+            writer(data, _new_folder(staging / camera_folder_name(camid)), records, [], [])
+        writer(data, _new_folder(staging / "server"), [], data.query, data.gallery)
+        if poses is not None:
+            _split_poses(data, staging, by_camera, poses)
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        staging.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {name: out_dir / name for name in [*map(camera_folder_name, sorted(by_camera)), "server"]}
 
 
-def _fresh(folder: Path) -> Path:
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f"split-by-camera: {folder} exists and is not empty; remove it or choose another --out")
-    folder.mkdir(parents=True, exist_ok=True)
+def _check_destination(out_dir: Path, dataset_root: Path) -> None:
+    """``out_dir`` must be empty or absent, not under a file, and neither the dataset nor inside it."""
+    out, root = out_dir.expanduser().resolve(), dataset_root.expanduser().resolve()
+    if out == root or root in out.parents:
+        raise ValueError(f"split-by-camera: --out {out_dir} is inside the dataset {dataset_root}; choose a folder "
+                         "outside it")
+    for path in (out, *out.parents):
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"split-by-camera: --out {out_dir}: {path} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"split-by-camera: {out_dir} exists and is not empty; remove it or choose another --out")
+
+
+def _new_folder(folder: Path) -> Path:
+    folder.mkdir(parents=True)
     return folder
 
 
@@ -114,16 +141,12 @@ def _image_dir(data: ReIDDataset, records: list[ImageRecord]) -> str:
     return tops.pop()
 
 
-def _split_poses(data: ReIDDataset, folders: dict[str, Path], by_camera: dict[int, list[ImageRecord]],
-                 pose_path: Path) -> None:
-    """Give each camera folder the pose-file rows of its own training images (if a pose file exists)."""
-    if not pose_path.is_file():
-        return
-    table = load_pose_file(pose_path)
+def _split_poses(data: ReIDDataset, out_dir: Path, by_camera: dict[int, list[ImageRecord]], table: PoseTable) -> None:
+    """Give each camera folder under ``out_dir`` the pose-table rows of its own training images."""
     row_of = {str(f): i for i, f in enumerate(table.files)}
     for camid, records in by_camera.items():
         rows = [row_of[rel] for rel in map(data.relative, records) if rel in row_of]
-        save_pose_file(folders[camera_folder_name(camid)] / POSE_FILE,
+        save_pose_file(out_dir / camera_folder_name(camid) / POSE_FILE,
                        PoseTable(table.files[rows], table.keypoints[rows], table.scores[rows]))
 
 

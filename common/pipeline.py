@@ -12,8 +12,10 @@ Outputs in the report folder: evaluation.json, evaluation.md, cmc.png, retrieval
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -21,13 +23,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import Config, ConfigError
-from common.data.loading import load_dataset, test_loader
+from common.data.loading import check_dataset, load_dataset, test_loader
 from common.data.records import ReIDDataset
 from common.engine import resolve_device, summarize
 from common.evaluation import compute_distance, evaluate_features, evaluate_rank, extract_features
 from common.postprocess import aggregate_generated, flip_average, id2, k_reciprocal_rerank, load_generated_features, nfc
 from common.models.reid import build_model
 from common.report import load_checkpoint_model, write_report
+from common.rundir import check_report_folder, config_differences, read_checkpoint, stored_config
+
+MODEL_KEYS = {"backbone", "height", "width", "neck-feat", "last-stride"}  # keys a checkpoint's model is made of
 
 
 class FlipInput(nn.Module):
@@ -112,18 +117,45 @@ def run_pipeline(model: nn.Module, dataset: ReIDDataset, config: Config, steps: 
     return rows
 
 
-def evaluate_checkpoint(checkpoint: Path | None, config: Config, post: str | None = None,
+def evaluate_checkpoint(checkpoint: Path | None, overrides: Mapping[str, Any], post: str | None = None,
                         output_dir: Path | None = None) -> list[dict]:
     """``camfed evaluate``: the checkpoint's model (``None``: the config's model as built, e.g. ImageNet
-    weights with ``pretrained='imagenet'``) on the configured test split, then the ``post`` steps
-    (``None``: the config's ``post``).  Prints the table; writes it and the plots to ``output_dir``
-    (default ``<output-dir>/evaluation``)."""
-    if post is not None:
-        config = Config.from_mapping({"post": post}, base=config)
+    weights with ``pretrained='imagenet'``) on the test split, then the ``post`` steps (``None``: the
+    config's ``post``).  The config is the one stored in the checkpoint with the run-config ``overrides``
+    (kebab-case keys) applied (``evaluation_config``).  Prints the table; writes it and the plots to
+    ``output_dir`` (default ``<output-dir>/evaluation``), which must not hold a report unless ``overwrite``."""
+    state = read_checkpoint(checkpoint) if checkpoint else None
+    config = evaluation_config(state, checkpoint, {**overrides, **({"post": post} if post is not None else {})})
+    report_dir = output_dir or Path(config.output_dir) / "evaluation"
+    check_report_folder(report_dir, config.overwrite)
+    check_post_inputs(config)
+    dataset = load_dataset(config)
+    check_dataset(dataset, training=False)
     device = resolve_device(config.device)
     model = (load_checkpoint_model(checkpoint, config) if checkpoint else build_model(config)).to(device)
-    return run_pipeline(model, load_dataset(config), config, config.post_steps, device,
-                        output_dir or Path(config.output_dir) / "evaluation")
+    return run_pipeline(model, dataset, config, config.post_steps, device, report_dir)
+
+
+def evaluation_config(state: dict | None, path: Path | None, overrides: Mapping[str, Any]) -> Config:
+    """The config stored in checkpoint ``state`` (read from ``path``) with ``overrides`` applied; an override of
+    a key that defines the model (``MODEL_KEYS``) is refused.  Without a stored config: ``overrides`` alone."""
+    if state is None or "config" not in state:
+        if state is not None:
+            print(f"camfed evaluate: {path} stores no config; using the given run config", file=sys.stderr)
+        return Config.from_mapping(overrides)
+    trained = stored_config(state, path)
+    config = Config.from_mapping(overrides, base=trained)
+    changed = config_differences(trained, config, keys=MODEL_KEYS)
+    if changed:
+        raise ConfigError(f"the run config changes the model stored in {path}: {'; '.join(changed)}; leave these "
+                          "keys out (the checkpoint's own config is used)")
+    return config
+
+
+def check_post_inputs(config: Config) -> None:
+    """Check the files the ``post`` steps read before any feature extraction."""
+    if "ipg" in config.post_steps and not Path(config.ipg_features).is_file():
+        raise ConfigError(f"config key 'ipg-features': file not found: {config.ipg_features}")
 
 
 def plot_cmc(curves: dict[str, np.ndarray], path: Path, max_rank: int = 20) -> None:

@@ -57,8 +57,12 @@ class CropPoseEstimator:
             raise RuntimeError(f"device={device!r} but onnxruntime has no CUDAExecutionProvider; use device='cpu'")
         if device != "cpu" and not device.startswith("cuda"):
             raise ValueError(f"pose extraction device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-        self.model = RTMPose(resolve_pose_model(pose_model), model_input_size=tuple(input_size),
-                             backend="onnxruntime", device=device)
+        path = resolve_pose_model(pose_model)
+        try:
+            self.model = RTMPose(path, model_input_size=tuple(input_size), backend="onnxruntime", device=device)
+        except Exception as err:  # onnxruntime raises its own pybind exception types for unreadable models
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"pose model {path} cannot be loaded as an ONNX model ({reason})") from None
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """image: (H, W, 3) uint8 BGR (as cv2.imread gives, rtmlib's convention).

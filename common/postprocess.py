@@ -350,11 +350,12 @@ def nfc(features: torch.Tensor, k1: int = 2, k2: int = 2, chunk_size: int = 1024
         coarse: bool | None = None) -> torch.Tensor:
     """Neighbour Feature Centralization on ONE set (apply to query and gallery separately).
 
-    features (N, D) L2-normalised.  For each i, j in i's k1 nearest (squared Euclidean, self
-    excluded) is kept if i is among j's k2 nearest; f̃_i = normalise(f_i + Σ_kept f_j) using the
-    original features.  Returns (N, D) float32.  ``coarse``: see :func:`knn`.
+    features (N, D), L2-normalised here first (the method is defined on unit features).  For each i,
+    j in i's k1 nearest (squared Euclidean, self excluded) is kept if i is among j's k2 nearest;
+    f̃_i = normalise(f_i + Σ_kept f_j) using the normalised input features.  Returns (N, D) float32.
+    ``coarse``: see :func:`knn`.
     """
-    x = _features("features", features)
+    x = F.normalize(_features("features", features), dim=1)
     if k1 < 1 or k2 < 1:
         raise ValueError(f"nfc: k1={k1}, k2={k2} must be >= 1")
     if max(k1, k2) >= len(x):

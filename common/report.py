@@ -5,31 +5,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
-from common.config import Config, ConfigError
+from common.config import Config
 from common.methods import get_method
 from common.models.reid import ReIDModel
+from common.rundir import load_weights, read_checkpoint
 
 METRIC_COLUMNS = ("mAP", "rank1", "rank5", "rank10", "mINP")
 
 
 def load_checkpoint_model(path: Path, config: Config) -> ReIDModel:
-    """A model with the checkpoint's backbone + BNNeck (a classifier, if any, is ignored)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    weights = state.get("model", state) if isinstance(state, dict) else None
+    """A model of ``config`` with the checkpoint's backbone + BNNeck (a classifier or PEM in it is ignored)."""
+    state = read_checkpoint(path)
+    weights = state.get("model", state)
     if not isinstance(weights, dict):
         raise ValueError(f"checkpoint {path} holds no model state dict")
     model = get_method(config.method).shared_model(config)  # the method's architecture (CALR: GeM)
-    shared = {k: v for k, v in weights.items() if not k.startswith("classifier.")}
-    missing, unexpected = model.load_state_dict(shared, strict=False)
-    if missing or [k for k in unexpected if not k.startswith("pem.")]:
-        raise ConfigError(
-            f"checkpoint {path} does not fit backbone '{config.backbone}': missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]} (set 'backbone' to the one it was trained with)"
-        )
+    load_weights(model, weights, path, ignore_prefixes=("classifier.", "pem."))
     return model
 
 

@@ -2,7 +2,8 @@
 
 A folder *holds a run* when it has any of ``RUN_FILES``.  Every command that writes a run
 (``camfed train-centralized``, the federation's ServerApp — and ``camfed federate`` before it starts
-anything) calls ``open_run`` first, before any expensive work:
+anything) calls ``check_run_folder`` first, before any expensive work, and ``replace_old_run`` once every
+other check passed, right before it writes:
 
 * a folder that holds a run is refused unless ``resume=true`` (continue it) or ``overwrite=true``
   (its run files are deleted first);
@@ -39,12 +40,12 @@ PATH_KEYS = frozenset({"data-dir", "cache-dir", "pose-file", "ipg-features", "ou
 # ------------------------------------------------------------------------------------------- folders
 
 
-def check_writable_folder(folder: Path, key: str = "output-dir") -> None:
-    """Raise a ``ConfigError`` naming ``key`` when ``folder`` or one of its parents is not a folder."""
+def check_writable_folder(folder: Path, setting: str = "config key 'output-dir'") -> None:
+    """Raise a ``ConfigError`` naming ``setting`` when ``folder`` or one of its parents is not a folder."""
     for path in (folder, *folder.parents):
         if path.exists():
             if not path.is_dir():
-                raise ConfigError(f"config key '{key}': {path} is a file, not a folder, so {folder} cannot be written")
+                raise ConfigError(f"{setting}: {path} is a file, not a folder, so {folder} cannot be written")
             return
 
 
@@ -77,11 +78,18 @@ def check_run_folder(config: Config) -> dict | None:
 
 
 def open_run(config: Config) -> dict | None:
-    """``check_run_folder``, then (``overwrite``) delete the old run's files; returns the checkpoint when resuming."""
+    """``check_run_folder`` then ``replace_old_run``, for a command with no other checks; returns the checkpoint
+    when resuming."""
     state = check_run_folder(config)
-    if state is None and config.overwrite:
-        clear_run(Path(config.output_dir))
+    replace_old_run(config)
     return state
+
+
+def replace_old_run(config: Config) -> None:
+    """With ``overwrite``, delete the run in ``output-dir`` (after ``check_run_folder`` and every other check,
+    so a run that fails its checks destroys nothing)."""
+    if config.overwrite:
+        clear_run(Path(config.output_dir))
 
 
 def clear_run(folder: Path) -> None:
@@ -95,7 +103,7 @@ def clear_run(folder: Path) -> None:
 
 def check_report_folder(folder: Path, overwrite: bool) -> None:
     """A report folder (``camfed evaluate --output``) must be writable and hold no report unless ``overwrite``."""
-    check_writable_folder(folder, key="output")
+    check_writable_folder(folder, setting="--output")
     existing = [name for name in REPORT_FILES if (folder / name).is_file()]
     if existing and not overwrite:
         raise ConfigError(f"report folder {folder} already holds a report ({', '.join(existing)}); choose another "

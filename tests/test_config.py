@@ -52,3 +52,26 @@ def test_round_trip_through_run_config():
     config = load_config("backbone='resnet18' post='nfc,flip'")
     assert Config.from_mapping(config.to_run_config()) == config
     assert config.post_steps == ["nfc", "flip"]
+
+
+def test_flower_app_config_holds_every_config_default():
+    """pyproject.toml's [tool.flwr.app.config] (flwr run's defaults) cannot drift from Config's defaults."""
+    from pathlib import Path
+
+    from common.app_config import table_differences
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    assert table_differences(pyproject) == [], "regenerate it: python -m common.app_config"
+
+
+def test_generated_table_replaces_only_the_app_config(tmp_path):
+    from common.app_config import main, table_differences
+    from common.config import tomllib
+
+    path = tmp_path / "pyproject.toml"
+    path.write_text('[project]\nname = "x"\n\n# old intro\n[tool.flwr.app.config]\nlr = 0.5\nbogus = 1\n')
+    assert main(["--pyproject", str(path), "--check"]) == 1
+    assert main(["--pyproject", str(path)]) == 0
+    text = path.read_text()
+    assert table_differences(text) == [] and tomllib.loads(text)["project"] == {"name": "x"}
+    assert "# old intro" not in text and main(["--pyproject", str(path), "--check"]) == 0

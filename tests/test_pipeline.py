@@ -37,11 +37,11 @@ def test_evaluate_with_post_steps_in_given_order(tiny_run_config, checkpoint, tm
     assert (out / "cmc.png").stat().st_size > 1000 and (out / "retrieval.png").stat().st_size > 1000
 
 
-def test_baseline_row_equals_plain_evaluation(tiny_config, checkpoint, tmp_path):
+def test_baseline_row_equals_plain_evaluation(tiny_run_config, tiny_config, checkpoint, tmp_path):
     from common.pipeline import evaluate_checkpoint
     from common.report import load_checkpoint_model
 
-    rows = evaluate_checkpoint(checkpoint, tiny_config, post="", output_dir=tmp_path / "r")
+    rows = evaluate_checkpoint(checkpoint, tiny_run_config, post="", output_dir=tmp_path / "r")
     model = load_checkpoint_model(checkpoint, tiny_config)
     plain = evaluate_model(model, load_dataset(tiny_config), tiny_config, torch.device("cpu"))
     assert [r["step"] for r in rows] == ["baseline"]
@@ -49,18 +49,18 @@ def test_baseline_row_equals_plain_evaluation(tiny_config, checkpoint, tmp_path)
         assert rows[0][key] == pytest.approx(value, abs=1e-6)
 
 
-def test_ipg_without_features_names_the_key(tiny_config, checkpoint, tmp_path):
+def test_ipg_without_features_names_the_key(tiny_run_config, checkpoint, tmp_path):
     from common.pipeline import evaluate_checkpoint
 
     with pytest.raises(ConfigError, match="ipg-features"):
-        evaluate_checkpoint(checkpoint, tiny_config, post="ipg", output_dir=tmp_path / "r")
+        evaluate_checkpoint(checkpoint, tiny_run_config, post="ipg", output_dir=tmp_path / "r")
 
 
-def test_unknown_step_is_rejected(tiny_config, checkpoint, tmp_path):
+def test_unknown_step_is_rejected(tiny_run_config, checkpoint, tmp_path):
     from common.pipeline import evaluate_checkpoint
 
     with pytest.raises(ConfigError, match="post"):
-        evaluate_checkpoint(checkpoint, tiny_config, post="flip,sharpen", output_dir=tmp_path / "r")
+        evaluate_checkpoint(checkpoint, tiny_run_config, post="flip,sharpen", output_dir=tmp_path / "r")
 
 
 def test_top_matches_skip_same_camera_same_id():

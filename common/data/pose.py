@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,8 @@ def load_pose_file(path: str | Path) -> PoseTable:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"pose file not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"pose file {path} is not an .npz interchange file (not a zip archive)")
     with np.load(path, allow_pickle=False) as data:
         missing = {"files", "keypoints", "scores"} - set(data.files)
         if missing:
@@ -89,20 +92,52 @@ def pose_vectors(
     they add nothing to a dot product.  Rows with fewer than ``min_keypoints`` usable keypoints
     are ``valid=False`` and all-zero.
     """
-    sizes = np.broadcast_to(np.asarray(image_sizes, dtype=np.float32), (len(table), 2))
-    if (sizes <= 0).any():
-        raise ValueError(f"image_sizes must be positive (height, width) pairs, got {image_sizes!r}")
-    height, width = sizes[:, None, 0], sizes[:, None, 1]
-    x = 2.0 * table.keypoints[..., 0] / width - 1.0
-    y = 2.0 * table.keypoints[..., 1] / height - 1.0
-    limit = 1.0 + 2.0 * BOX_MARGIN
-    usable = (table.scores >= min_score) & (np.abs(x) <= limit) & (np.abs(y) <= limit)
+    x, y = box_coordinates(table, image_sizes)
+    usable = (table.scores >= min_score) & inside_box(x, y)
     valid = usable.sum(axis=1) >= min_keypoints
     usable &= valid[:, None]
     coords = np.stack([x, y], axis=-1) * usable[..., None]
     count = np.maximum(usable.sum(axis=1), 1)[:, None, None]
     centred = (coords - coords.sum(axis=1, keepdims=True) / count) * usable[..., None]
     return centred.reshape(len(table), 2 * NUM_KEYPOINTS).astype(np.float32), valid
+
+
+def box_coordinates(table: PoseTable, image_sizes: tuple[int, int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keypoints scaled per axis to their image box, ``2x/W - 1`` and ``2y/H - 1``: two (N, 17) float32 arrays.
+
+    image_sizes: one ``(height, width)`` for all images, or (N, 2) per image, in pixels."""
+    sizes = np.broadcast_to(np.asarray(image_sizes, dtype=np.float32), (len(table), 2))
+    if (sizes <= 0).any():
+        raise ValueError(f"image_sizes must be positive (height, width) pairs, got {image_sizes!r}")
+    height, width = sizes[:, None, 0], sizes[:, None, 1]
+    return 2.0 * table.keypoints[..., 0] / width - 1.0, 2.0 * table.keypoints[..., 1] / height - 1.0
+
+
+def inside_box(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Whether box coordinates (``box_coordinates``) lie inside the image, ± ``BOX_MARGIN`` of its size."""
+    limit = 1.0 + 2.0 * BOX_MARGIN
+    return (np.abs(x) <= limit) & (np.abs(y) <= limit)
+
+
+def check_usable_share(table: PoseTable, image_sizes: tuple[int, int] | np.ndarray, valid: np.ndarray,
+                       source: str, min_score: float, min_share: float) -> str:
+    """One line on how many of ``table``'s images (rows) have a usable pose (``valid``, (N,) bool), naming
+    ``source``; a ``ValueError`` with that line when the share is below ``min_share``.
+
+    The line also says when many confident keypoints fall outside their image (a pose file made for another
+    image size) or when no keypoint reaches ``min_score`` (e.g. all scores 0)."""
+    confident = table.scores >= min_score
+    outside = confident & ~inside_box(*box_coordinates(table, image_sizes))
+    share = float(valid.mean()) if len(valid) else 0.0
+    line = f"{source}: {int(valid.sum())} of {len(valid)} images ({share:.0%}) have a usable pose"
+    if not confident.any():
+        line += f"; no keypoint has a score >= {min_score:g}"
+    elif outside.sum() > 0.05 * confident.sum():
+        line += (f"; {outside.sum() / confident.sum():.0%} of the confident keypoints lie outside their image "
+                 "(a pose file made for another image size?)")
+    if share < min_share:
+        raise ValueError(f"{line}, below the minimum {min_share:g} (config key 'pem-min-usable-poses')")
+    return line
 
 
 def match_poses(table: PoseTable, relative_files: list[str] | np.ndarray, source: str = "pose file") -> np.ndarray:
@@ -136,11 +171,18 @@ def dataset_pose_vectors(
     image_sizes: tuple[int, int] | np.ndarray,
     source: str = "pose file",
     min_score: float = MIN_SCORE,
+    min_usable_share: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``pose_vectors`` aligned with ``relative_files``: ((M, 34) float32, (M,) bool)."""
+    """``pose_vectors`` aligned with ``relative_files``: ((M, 34) float32, (M,) bool).
+
+    With ``min_usable_share`` it prints the share of images with a usable pose (``check_usable_share``) and
+    raises when the share is lower."""
     rows = match_poses(table, relative_files, source)
     sub = PoseTable(table.files[rows], table.keypoints[rows], table.scores[rows])
-    return pose_vectors(sub, image_sizes, min_score)
+    vectors, valid = pose_vectors(sub, image_sizes, min_score)
+    if min_usable_share is not None:
+        print(check_usable_share(sub, image_sizes, valid, source, min_score, min_usable_share), flush=True)
+    return vectors, valid
 
 
 def read_image_sizes(paths: list[str]) -> np.ndarray:

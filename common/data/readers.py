@@ -10,7 +10,7 @@ from pathlib import Path
 
 from common.data.records import ImageRecord, ReIDDataset
 
-MARKET_PATTERN = re.compile(r"([-\d]+)_c(\d)")
+MARKET_PATTERN = re.compile(r"^(-?\d+)_c(\d+)s\d+_")  # <pid>_c<camera>s<sequence>_..., pid -1 = junk
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
@@ -21,10 +21,11 @@ def _require_dir(path: Path) -> Path:
 
 
 def parse_market_name(name: str) -> tuple[int, int]:
-    """``0002_c1s1_000451_03.jpg`` → (pid 2, camera 1); a name that does not parse is a ValueError."""
-    match = MARKET_PATTERN.search(name)
+    """``0002_c1s1_000451_03.jpg`` → (pid 2, camera 1), ``0002_c12s1_...`` → camera 12; a name that does not
+    follow the Market naming ``<pid>_c<camera>s<sequence>_...`` is a ValueError naming it."""
+    match = MARKET_PATTERN.match(name)
     if match is None:
-        raise ValueError(f"not a Market-1501 file name: {name}")
+        raise ValueError(f"not a Market-1501 file name (<pid>_c<camera>s<sequence>_...): {name}")
     return int(match.group(1)), int(match.group(2))
 
 
@@ -34,7 +35,10 @@ def read_market_folder(folder: Path, keep_distractors: bool) -> list[ImageRecord
     for path in sorted(_require_dir(folder).iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        pid, camid = parse_market_name(path.name)
+        try:
+            pid, camid = parse_market_name(path.name)
+        except ValueError as err:
+            raise ValueError(f"{folder}: {err}") from None
         if pid == -1 or (pid == 0 and not keep_distractors):
             continue
         records.append(ImageRecord(str(path), pid, camid))

@@ -2,32 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-METRICS_FILE, ROUNDS_FILE, PLOT_FILE = "metrics.jsonl", "rounds.jsonl", "metrics.png"
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Records of a JSON-lines file (``[]`` if missing); a torn last line (crash mid-write) is dropped."""
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return records
-
-
-def keep_rounds_up_to(path: Path, last_round: int) -> None:
-    """Rewrite ``path`` without records of rounds after ``last_round`` (a resumed run redoes them)."""
-    kept = [r for r in read_jsonl(path) if r.get("round", 0) <= last_round]
-    if path.is_file():
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(path)
+from common.rundir import METRICS_FILE, PLOT_FILE, ROUNDS_FILE, read_jsonl  # noqa: F401 (re-exported)
 
 
 def idle_rounds(folder: Path) -> list[int]:
@@ -46,6 +23,7 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in records]
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -54,6 +32,7 @@ def plot_metrics(metrics_path: Path, out_path: Path) -> Path | None:
     for i, idle in enumerate(idle_rounds(metrics_path.parent)):
         ax.axvline(idle, color="tab:red", linestyle="--", alpha=0.6, label="averaged nothing" if i == 0 else None)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("%")
     ax.set_title("global model on the test split")
     ax.grid(alpha=0.3)

@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Iterator
 
 from common.config import Config, ConfigError, parse_run_config, tomllib
+from common.data.loading import check_dataset
 from common.data.partition import partition_by_camera
 from common.federated.data import load_node_dataset
 from common.federated.server import FAILURE_FILE
+from common.pipeline import check_post_inputs
+from common.rundir import check_run_folder
 
 CONNECTION = "camfed-local"
 STARTUP_TIMEOUT = 60.0
@@ -42,8 +45,12 @@ def app_config(app_dir: Path, run_config: str = "") -> Config:
     """The app's ``[tool.flwr.app.config]`` with ``run_config`` (a TOML file or "k=v ...") applied."""
     pyproject = app_dir / "pyproject.toml"
     if not pyproject.is_file():
-        raise ConfigError(f"no pyproject.toml in the app folder {app_dir}")
-    defaults = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+        raise ConfigError(f"no pyproject.toml in the app folder {app_dir}: run this in the camfed repository "
+                          "or pass --app <camfed repository>")
+    defaults = tomllib.loads(pyproject.read_text()).get("tool", {}).get("flwr", {}).get("app", {}).get("config")
+    if defaults is None:
+        raise ConfigError(f"{pyproject} has no [tool.flwr.app.config]: is {app_dir} the camfed app? "
+                          "Pass --app <camfed repository>")
     overrides = parse_run_config(run_config)
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
@@ -52,8 +59,11 @@ def app_config(app_dir: Path, run_config: str = "") -> Config:
 
 
 def count_cameras(config: Config) -> int:
-    """Number of training cameras (clients); generates the synthetic data once if needed."""
-    return len(partition_by_camera(load_node_dataset(config).train))
+    """Number of training cameras (clients); generates the synthetic data once if needed.  A dataset that
+    cannot train or be evaluated is an error here, before anything starts."""
+    dataset = load_node_dataset(config)
+    check_dataset(dataset)
+    return len(partition_by_camera(dataset.train))
 
 
 def free_port() -> int:
@@ -234,6 +244,8 @@ def federate(run_config: str = "", app_dir: str | Path = ".", cpus_per_client: i
     """
     app_dir = Path(app_dir).expanduser().resolve()
     config = app_config(app_dir, run_config)
+    check_run_folder(config)  # the ServerApp checks again; failing here saves starting Flower
+    check_post_inputs(config)
     clients = num_supernodes or count_cameras(config)
     output_dir = Path(config.output_dir).expanduser().absolute()
     federation = (f"num-supernodes={clients} client-resources-num-cpus={cpus_per_client} "
@@ -277,9 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run_from_args(args)
-    except (ConfigError, FileNotFoundError, RuntimeError, TimeoutError) as err:
+    except (ConfigError, OSError, ValueError, RuntimeError, TimeoutError) as err:
         print(f"camfed federate: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("camfed federate: interrupted (resume with resume=true)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -15,34 +15,27 @@ import secrets
 import time
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import Config, ConfigError
 from common.data.records import ReIDDataset
-from common.engine import (append_jsonl, atomic_save, evaluate_model, learning_rate, resolve_device,
-                           write_config_snapshot)
+from common.data.loading import check_dataset
+from common.engine import (append_jsonl, atomic_save, evaluate_model, learning_rate, lr_schedule_lines,
+                           resolve_device, write_config_snapshot)
 from common.federated.arrays import StateDict, arrays_to_state, conformity_error, signature, state_to_arrays
 from common.federated.client import ARRAYS
 from common.federated.data import load_node_dataset, with_absolute_paths
-from common.federated.history import METRICS_FILE, PLOT_FILE, ROUNDS_FILE, keep_rounds_up_to, plot_metrics
+from common.federated.history import plot_metrics
 from common.federated.strategy import CameraFedAvg, Screening
 from common.methods import Method, get_method
+from common.pipeline import check_post_inputs
+from common.progress import StepProgress
+from common.rundir import (CHECKPOINT, METRICS_FILE, PLOT_FILE, ROUNDS_FILE, check_run_folder, keep_records_up_to,
+                           replace_old_run)
 
 LOG = logging.getLogger("flwr.camfed")
 FAILURE_FILE = "failure.json"  # written when the run stops because no camera can train
-CHECKPOINT = "checkpoint.pt"
-
-
-def load_federated_checkpoint(path: Path, method: Method) -> dict:
-    """A checkpoint written by ``run_federation``; its method must be ``method``."""
-    if not path.is_file():
-        raise FileNotFoundError(f"resume = true but there is no checkpoint at {path}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("method") != method.name:
-        raise ConfigError(f"config key 'method' = {method.name!r}, but {path} was trained with {state.get('method')!r}")
-    return state
 
 
 class GlobalEvaluator:
@@ -79,9 +72,18 @@ def run_federation(grid: Grid, config: Config) -> list[dict]:
     config = with_absolute_paths(config)
     method = get_method(config.method)
     out = Path(config.output_dir)
-    shared, start, run_tag = _starting_point(config, method, out)
+    checkpoint = check_run_folder(config)
+    check_dataset(load_node_dataset(config), training=False)
+    check_post_inputs(config)
+    shared, start, run_tag = _starting_point(checkpoint, config, method, out)
     (out / FAILURE_FILE).unlink(missing_ok=True)
     write_config_snapshot(config, out)
+    for line in lr_schedule_lines(config, config.num_server_rounds, "round"):
+        LOG.info("camfed: %s", line)
+    if start >= config.num_server_rounds and not config.post_steps:
+        LOG.info("camfed: %s holds all %d rounds, evaluated; nothing to do (raise 'num-server-rounds' to train on)",
+                 out, config.num_server_rounds)
+    progress = StepProgress("round", config.num_server_rounds, start=start)
     strategy = CameraFedAvg(config, shared)
     evaluate = GlobalEvaluator(method, config)
     arrays, evaluations = state_to_arrays(shared), []
@@ -90,6 +92,8 @@ def run_federation(grid: Grid, config: Config) -> list[dict]:
         append_jsonl(out / ROUNDS_FILE, record)
         if strategy.cannot_train(screening):
             raise record_failure(out / FAILURE_FILE, record, screening, config)
+        LOG.info("camfed: %s", progress.line(server_round, {"loss": record.get("loss"), "clients": record["clients"],
+                                                           "lr": record["lr"]}))
         shared = arrays_to_state(arrays)
         if server_round % config.eval_every == 0 or server_round == config.num_server_rounds:
             evaluation = {"round": server_round, **evaluate(shared),
@@ -144,22 +148,21 @@ def record_failure(path: Path, record: dict, screening: Screening, config: Confi
     return FederationFailed(message)
 
 
-def _starting_point(config: Config, method: Method, out: Path) -> tuple[StateDict, int, str]:
-    """(shared weights, last completed round, run tag): from the checkpoint when resuming, else fresh."""
-    if config.resume:
-        state = load_federated_checkpoint(out / CHECKPOINT, method)
+def _starting_point(state: dict | None, config: Config, method: Method, out: Path) -> tuple[StateDict, int, str]:
+    """(shared weights, last completed round, run tag): from the checkpoint ``state`` when resuming, else fresh
+    (a run that ``overwrite`` replaces is deleted first)."""
+    if state is not None:
         problem = conformity_error(state["model"], signature(method.initial_shared_state(config)))
         if problem:
             raise ConfigError(f"{out / CHECKPOINT} does not fit the configured model ({problem}); "
                               "check 'backbone' and 'method'")
         start = int(state["round"])
         for name in (METRICS_FILE, ROUNDS_FILE):
-            keep_rounds_up_to(out / name, start)
+            keep_records_up_to(out / name, "round", start)
         LOG.info("camfed: resuming after round %d from %s", start, out / CHECKPOINT)
         return state["model"], start, state["run-tag"]
+    replace_old_run(config)
     shared, run_tag = method.initial_shared_state(config), secrets.token_hex(8)
-    for name in (METRICS_FILE, ROUNDS_FILE, PLOT_FILE):
-        (out / name).unlink(missing_ok=True)
     _save_checkpoint(out / CHECKPOINT, 0, shared, config, method, run_tag)
     return shared, 0, run_tag
 
@@ -168,3 +171,4 @@ def _save_checkpoint(path: Path, server_round: int, shared: StateDict, config: C
                      run_tag: str) -> None:
     atomic_save({"round": server_round, "model": shared, "config": config.to_run_config(), "method": method.name,
                  "run-tag": run_tag}, path)
+
