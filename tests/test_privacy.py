@@ -20,6 +20,10 @@ from common.methods import get_method
 
 ALLOWED_METRICS = {"loss", "ce", "triplet", "accuracy", "prox", "local-seconds", "num-examples", "camera"}
 ALLOWED_METRICS |= {"calr_clusters", "calr_outlier_fraction"}  # CALR: number of local clusters, outlier share
+ALLOWED_METRICS |= {"seconds_local", "moon"}  # seconds of the local training stage; MOON's contrastive term
+# PEM: its two losses, their gradient ratio, the attention's spread, the seconds of stages 1 and 2
+ALLOWED_METRICS |= {"pem_pose", "pem_cycle", "pem_grad_ratio", "pem_attention_std", "pem_attention_image_std",
+                    "seconds_expert", "seconds_pem_maps", "seconds_pem"}
 
 
 def assert_only_shared_weights_and_scalars(reply: Message, shared: dict[str, torch.Tensor]) -> None:
@@ -77,16 +81,6 @@ def test_every_reply_of_a_federated_run_is_clean(tiny_run_config):
     assert len(seen) == 3
 
 
-def test_query_reply_holds_only_the_partition_id(tiny_run_config):
-    InProcessGrid(client_app, 3, tiny_run_config)  # sets Flower's task identity for building messages
-    context = Context(run_id=1, node_id=1001, node_config={"partition-id": 2, "num-partitions": 3},
-                      state=RecordDict(), run_config=tiny_run_config)
-    query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1001, message_type=MessageType.QUERY)
-    reply = client_app(query, context)
-    assert not reply.has_error() and set(reply.content.keys()) == {"metrics"}
-    assert dict(reply.content["metrics"]) == {"partition-id": 2}
-
-
 def test_calr_reply_holds_only_shared_weights_and_cluster_counts(tiny_run_config):
     """Federated CALR (no sharing switch exists: nothing beyond this is ever sent) replies with the shared
     weights (backbone, GeM, BNNeck) and scalars; pseudo-labels, features and centroids stay on the camera."""
@@ -102,3 +96,13 @@ def test_calr_reply_holds_only_shared_weights_and_cluster_counts(tiny_run_config
     assert {"calr_clusters", "calr_outlier_fraction"} <= set(reply.content["metrics"])
     partition = camera_partition(load_node_dataset(config), 0, 3)
     assert PrivateStateStore(state_dir(config, partition.camid)).load("0123abcd", before_round=2) == {}
+
+
+def test_query_reply_holds_only_the_partition_id(tiny_run_config):
+    InProcessGrid(client_app, 3, tiny_run_config)  # sets Flower's task identity for building messages
+    context = Context(run_id=1, node_id=1001, node_config={"partition-id": 2, "num-partitions": 3},
+                      state=RecordDict(), run_config=tiny_run_config)
+    query = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=1001, message_type=MessageType.QUERY)
+    reply = client_app(query, context)
+    assert not reply.has_error() and set(reply.content.keys()) == {"metrics"}
+    assert dict(reply.content["metrics"]) == {"partition-id": 2}
