@@ -347,7 +347,9 @@ def test_resume_without_checkpoint_or_with_another_method_is_an_error(tiny_run_c
     config = load_config({**tiny_run_config, "num-server-rounds": 1, "eval-every": 5})
     out = Path(config.output_dir)
     (out).mkdir(parents=True)
-    torch.save({"round": 1, "model": {}, "method": "fedprox", "run-tag": "ab"}, out / CHECKPOINT)
+    trained_with = load_config({**tiny_run_config, "method": "fedprox"}).to_run_config()
+    torch.save({"round": 1, "model": {}, "method": "fedprox", "run-tag": "ab", "config": trained_with},
+               out / CHECKPOINT)
     with pytest.raises(ConfigError, match="fedprox"):
         run_federation(InProcessGrid(client_app, 3, tiny_run_config), load_config({**tiny_run_config, "resume": True}))
 

@@ -48,7 +48,7 @@ def test_triplet_without_any_pair_is_zero_with_grad():
 
 @pytest.mark.parametrize("backbone, dim", [("resnet18", 512), ("resnet50", 2048)])
 def test_bnneck_model_outputs(backbone, dim):
-    model = build_model(Config(backbone=backbone), num_classes=7)
+    model = build_model(Config(backbone=backbone, pretrained="none"), num_classes=7)
     out = model(torch.randn(4, 3, 64, 32))
     assert out.features.shape == (4, dim) and out.logits.shape == (4, 7)
     assert out.feature_map.shape[2:] == (4, 2)  # last stride 1: /16
@@ -60,7 +60,7 @@ def test_bnneck_model_outputs(backbone, dim):
 
 def test_neck_feat_before_and_after_differ():
     torch.manual_seed(0)
-    model = build_model(Config(backbone="resnet18", neck_feat="before")).eval()
+    model = build_model(Config(backbone="resnet18", pretrained="none", neck_feat="before")).eval()
     x = torch.randn(2, 3, 64, 32)
     before = model(x)
     model.neck_feat = "after"
@@ -80,7 +80,7 @@ def test_pretrained_path_errors(tmp_path):
 
 
 def test_pretrained_state_dict_round_trip(tmp_path):
-    source = build_model(Config(backbone="resnet18"))
+    source = build_model(Config(backbone="resnet18", pretrained="none"))
     path = tmp_path / "backbone.pt"
     torch.save(source.backbone.state_dict(), path)
     loaded = build_model(Config(backbone="resnet18", pretrained=str(path)))
