@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from common.data.pose import NUM_KEYPOINTS, PoseTable, save_pose_file
 
 GENERATOR_VERSION = 1
-MAX_CAMERAS = 9  # the Market regex ``_c(\d)`` reads one digit
+MAX_CAMERAS = 9  # synthetic names use one camera digit, c1 … c9, as Market-1501 does
 SPLIT_FOLDERS = ("bounding_box_train", "query", "bounding_box_test")
 SUPERSAMPLE = 2  # figures are drawn at 2x and box-filtered down (anti-aliasing)
 
@@ -595,7 +595,7 @@ def synthetic_params(num_ids: int = 48, num_cameras: int = 4, seed: int = 0, hei
     ``pose_band``: see :func:`sample_camera`)."""
     lo, hi = (int(v) for v in images_per_id_per_camera)
     checks = (
-        (2 <= num_cameras <= MAX_CAMERAS, f"num_cameras must be in 2..{MAX_CAMERAS} (Market names hold one "
+        (2 <= num_cameras <= MAX_CAMERAS, f"num_cameras must be in 2..{MAX_CAMERAS} (synthetic names hold one "
                                           f"camera digit), got {num_cameras}"),
         (4 <= num_ids <= 9999, f"num_ids must be in 4..9999, got {num_ids}"),
         (seed >= 0, f"seed must be >= 0, got {seed}"),
