@@ -5,9 +5,9 @@ Local objective: CE + triplet + μ · ℓ_con with, per image,
     ℓ_con = −log( exp(sim(z, z_glob)/τ) / (exp(sim(z, z_glob)/τ) + exp(sim(z, z_prev)/τ)) ),
 where z is the local model's pooled feature f (B, D), z_glob that of the round's global model and z_prev
 that of this camera's local model from its previous round (private state), sim the cosine similarity.
-μ = ``moon-mu`` (1), τ = ``moon-temperature`` (0.5), as the paper uses for most of its benchmarks.  The
-representation is the pooled backbone feature f: camfed's ReID model has no projection head, and adding
-one would change what the server averages.  On a camera's first round z_prev comes from the global
+μ = ``moon-mu`` (1, the paper's value for CIFAR-100 and Tiny-ImageNet; 5 for CIFAR-10), τ = ``moon-temperature``
+(0.5, the paper's value throughout).  The representation is the pooled backbone feature f: camfed's ReID model
+has no projection head, and adding one would change what the server averages.  On a camera's first round z_prev comes from the global
 model, so ℓ_con = log 2 with zero gradient.
 """
 
