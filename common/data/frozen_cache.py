@@ -12,13 +12,15 @@ computes its camera's cache once per round.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from common.config import Config
-from common.data.dataset import ImageDataset, PKSampler
+from common.data.dataset import PKSampler
+from common.data.loading import test_loader
 from common.data.records import ImageRecord
-from common.data.transforms import build_transforms
 
 _CACHE: dict[tuple, torch.Tensor] = {}
 MODEL_FIELDS = ("backbone", "pretrained", "last_stride", "freeze_stages", "height", "width")
@@ -40,8 +42,7 @@ def _compute(records: list[ImageRecord], config: Config, mirrored: bool) -> torc
 
     device = resolve_device(config.device)
     backbone = build_model(config).backbone.to(device).eval()
-    loader = DataLoader(ImageDataset(records, build_transforms(config.height, config.width, train=False)),
-                        batch_size=128, shuffle=False, num_workers=config.num_workers)
+    loader = test_loader(records, dataclasses.replace(config, cache_frozen=False))  # the images themselves
     views = []
     with torch.inference_mode():
         for images, *_ in loader:
