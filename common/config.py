@@ -59,7 +59,7 @@ class Config:
     synth_cameras: int = 4
     synth_seed: int = 0
     synth_pose_band: float = 1.0  # widens every synthetic camera's pose band (viewpoint and gait spread)
-    pose_file: str = ""  # interchange .npz (METHODS.md §3); empty = <data_dir>/poses.npz if present
+    pose_file: str = ""  # pose interchange .npz (common/data/pose.py); empty = <data_dir>/poses.npz if present
     height: int = 128
     width: int = 64
     num_instances: int = 4  # K of the P×K sampler

@@ -3,10 +3,10 @@
 Each crop is one person, so the whole image is the box (rtmlib ``bboxes=[]``).  Keypoints are
 pixels (x, y) of the image as stored; scores are RTMPose's SimCC maxima (the mean of the x and
 y peak values), stored as given: they are not probabilities and can exceed 1 or be ≤ 0 (rtmlib
-then sets that keypoint's location to a meaningless -1 bin).  Output: the interchange file of
-METHODS.md §3 (``common.data.pose.save_pose_file``).
+then sets that keypoint's location to a meaningless -1 bin).  Output: camfed's pose interchange
+file (``common.data.pose.save_pose_file``).
 
-Usage: ``python -m common.pose_extract DATA_DIR OUT.npz --pose-model URL_OR_ONNX [--device cuda]``
+Usage: ``camfed pose --data DATA_DIR --out OUT.npz [--pose-model URL_OR_ONNX] [--device cuda]``
 """
 
 from __future__ import annotations

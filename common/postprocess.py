@@ -3,7 +3,11 @@
 Everything runs in torch on the features' device and is chunked so that MSMT17-size sets
 (11,659 query + 82,161 gallery, 2048-d) fit in a few GiB: no N×N matrix is ever built.
 
-Conventions (see METHODS.md §4):
+Methods: NFC, IPG aggregation and ID² from Yuan et al., *From Poses to Identity: Training-Free Person
+Re-Identification via Feature Centralization* (Pose2ID), CVPR 2025, https://arxiv.org/abs/2503.00938;
+re-ranking from Zhong et al., *Re-ranking Person Re-identification with k-reciprocal Encoding*, CVPR 2017.
+
+Conventions:
 - Distances are squared Euclidean, d(i, j) = |x_i|² + |x_j|² − 2 x_i·x_j, computed in float32.
 - Nearest neighbours come from a symmetric blockwise scan (each BLOCK×BLOCK block of the distance
   matrix is computed once and top-k'd along rows and columns).  On CPU, NFC screens with a bfloat16

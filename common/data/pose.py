@@ -1,4 +1,5 @@
-"""Pose interchange files (METHODS.md §3): ``files`` (N,), ``keypoints`` (N,17,2) px, ``scores`` (N,17)."""
+"""Pose interchange files (``.npz``): ``files`` (N,) paths relative to the dataset root, ``keypoints`` (N,17,2)
+float32 COCO-17 pixel (x, y) in the image as stored, ``scores`` (N,17) float32 detector confidence (0 = not detected)."""
 
 from __future__ import annotations
 

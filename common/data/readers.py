@@ -1,4 +1,8 @@
-"""Readers for Market-1501 and MSMT17 (V1 / V2 layouts), METHODS.md §1.
+"""Readers for Market-1501 and MSMT17 (V1 / V2 layouts).
+
+Market-1501: Zheng et al., *Scalable Person Re-identification: A Benchmark*, ICCV 2015 (``<pid>_c<camera>s...``
+file names).  MSMT17: Wei et al., *Person Transfer GAN to Bridge Domain Gap for Person Re-Identification*,
+CVPR 2018 (``list_*.txt`` lines ``path pid``; camera = third ``_`` field of the name).
 
 Junk images (pid −1) are skipped everywhere; distractors (pid 0) are kept in the gallery only.
 """

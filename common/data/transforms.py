@@ -1,4 +1,6 @@
-"""Train / test image transforms (METHODS.md §1: flip 0.5, pad 10 + random crop, random erasing 0.5)."""
+"""Train / test image transforms of the strong ReID baseline (Luo et al., *Bag of Tricks and A
+Strong Baseline for Deep Person Re-identification*, CVPRW 2019, https://arxiv.org/abs/1903.07071): flip 0.5,
+pad 10 + random crop, random erasing 0.5."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""FedAvg, FedPav-style (METHODS.md §7): clients share backbone + BNNeck and keep their classifiers."""
+"""FedAvg, FedPav-style (Zhuang et al., *Performance Optimization of Federated Person Re-identification via
+Benchmark Analysis*, ACM MM 2020, https://arxiv.org/abs/2008.11560): clients share backbone + BNNeck and keep their classifiers."""
 
 from __future__ import annotations
 

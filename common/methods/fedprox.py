@@ -1,4 +1,5 @@
-"""FedProx (METHODS.md §7): FedAvg's local loss + μ/2 ‖w − w_global‖² over the shared parameters."""
+"""FedProx (Li et al., *Federated Optimization in Heterogeneous Networks*, MLSys 2020,
+https://arxiv.org/abs/1812.06127): FedAvg's local loss + μ/2 ‖w − w_global‖² over the shared parameters."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""PEM: pose-enriched federated-by-camera training (METHODS.md §2).
+"""PEM: pose-enriched federated-by-camera training (*Pose-guided Enriched Feature Learning for
+Federated-by-camera Person Re-identification*, CVPR 2026, https://cvpr.thecvf.com/virtual/2026/poster/39406).
 
 Per round on camera c:
   1. the local expert φᵉ_c (kept on the client across rounds, with its optimizer state) trains on D_c

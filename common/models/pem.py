@@ -1,4 +1,5 @@
-"""Pose Extraction Module (METHODS.md §2): channel attention that splits features into a
+"""Pose Extraction Module (*Pose-guided Enriched Feature Learning for Federated-by-camera Person
+Re-identification*, CVPR 2026): channel attention that splits features into a
 pose-related part F⁺ = A ⊙ F and a pose-unrelated part F⁻ = (1 − A) ⊙ F, and the
 cross-identity pose swap F_i^δ(i) = F⁻_i + F⁺_δ(i).
 
