@@ -16,7 +16,8 @@ excluded) and the bytes of the ArrayRecords; clients report ``local-seconds`` (t
 ``round1_s`` includes start-up (Ray actors, first ClientApp processes), ``round_s`` is the mean of
 later rounds.  Simulation gives each client 1 CPU (1 torch thread); the deployment SuperNodes run
 with OMP_NUM_THREADS=1 since they share this machine.  ``peak_rss_gib``: the peak of the summed RSS
-of the case's process tree, sampled every 0.5 s.  ``wall_s``: the whole case (start-up, 3 rounds, evaluations, shutdown).
+of the case's process tree, sampled every 0.5 s.  ``wall_s``: the whole case (start-up, 3 rounds, evaluations,
+shutdown).
 """
 
 from __future__ import annotations
@@ -106,10 +107,10 @@ def summarize(case: str, out: Path, wall: float, peak: float, extra: dict | None
 
 
 def run_inprocess(values: dict, out: Path) -> dict:
+    from camfed.inprocess import InProcessGrid
     from client.app import app
     from common.config import load_config
     from common.federated.data import load_node_dataset
-    from camfed.inprocess import InProcessGrid
     from common.federated.server import run_federation
 
     config = load_config(values)

@@ -25,7 +25,6 @@ from common.federated.arrays import state_to_arrays
 from common.methods import get_method
 from common.methods.base import LocalJob
 
-
 STAGES = ("seconds_expert", "seconds_pem_maps", "seconds_pem", "seconds_local")
 
 
