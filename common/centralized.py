@@ -11,9 +11,11 @@ import torch
 from common.config import Config
 from common.data.dataset import relabel
 from common.data.loading import check_dataset, load_dataset, train_loader
-from common.engine import (append_jsonl, atomic_save, derived_seed, evaluate_model, learning_rate, lr_schedule_lines,
-                           make_optimizer, resolve_device, seed_everything, set_lr, train_epoch,
+from common.engine import (EpochPlan, append_jsonl, atomic_save, derived_seed, evaluate_model, learning_rate,
+                           lr_schedule_lines, make_optimizer, resolve_device, seed_everything, set_lr, train_epoch,
                            write_config_snapshot)
+from common.fire2 import FIRe2Training
+from common.models.fire2 import build_fire2_model
 from common.models.reid import build_model
 from common.progress import StepProgress
 from common.rundir import (CHECKPOINT, METRICS_FILE, evaluation_missing, is_evaluation_step, keep_records_up_to,
@@ -27,7 +29,8 @@ def train_centralized(config: Config) -> list[dict]:
     the output folder follows ``common.rundir`` (``resume`` continues the run there, ``overwrite`` replaces
     it).  Every epoch is seeded from (``seed``, epoch), so a resumed run equals an uninterrupted
     one.  Returns the evaluation records of this call.  ``method = "calr"`` trains CALR without identity labels
-    (``common.calr``); every other method trains supervised here.
+    (``common.calr``); ``method = "fire2"`` trains FIRe² (``common.fire2``: re-clustering and its losses every
+    epoch from ``fire2-start-epoch``); every other method trains supervised here with CE + triplet.
     """
     if config.method == "calr":
         from common.calr import train_calr_centralized
@@ -41,7 +44,10 @@ def train_centralized(config: Config) -> list[dict]:
     device = resolve_device(config.device)
     seed_everything(config.seed)
     labels = relabel(dataset.train)
-    model = build_model(config, num_classes=len(labels)).to(device)
+    fire2 = FIRe2Training(config, dataset.train, labels, device) if config.method == "fire2" else None
+    model = (build_fire2_model if fire2 else build_model)(config, num_classes=len(labels)).to(device)
+    if fire2 and config.fire2_far:
+        fire2.check_parts(model)
     optimizer = make_optimizer(model.parameters(), config)
     scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
     done = _restore(checkpoint, output_dir / CHECKPOINT, model, optimizer, scaler) if checkpoint else 0
@@ -62,13 +68,17 @@ def train_centralized(config: Config) -> list[dict]:
         loader.sampler.set_epoch(epoch)
         set_lr(optimizer, learning_rate(epoch, config))
         began = time.monotonic()
-        stats = train_epoch(model, loader, optimizer, config, device, scaler, desc=f"epoch {epoch + 1}/{config.epochs}")
-        train_loss = stats.get("ce", 0.0) + stats.get("triplet", 0.0)
+        plan = (fire2.epoch_plan(model, epoch, learning_rate(epoch, config), derived_seed(config.seed, epoch, 1))
+                if fire2 else EpochPlan())
+        stats = train_epoch(model, loader, [optimizer, *plan.optimizers], config, device, scaler,
+                            objective=plan.objective, desc=f"epoch {epoch + 1}/{config.epochs}")
+        train_loss = sum(v for k, v in stats.items() if k not in ("accuracy", "num_examples"))
         atomic_save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict() if scaler else None, "train_loss": train_loss,
                      "config": config.to_run_config()}, output_dir / CHECKPOINT)
         print(progress.line(epoch + 1, {"loss": train_loss, "lr": learning_rate(epoch, config),
-                                        "img/s": stats["num_examples"] / (time.monotonic() - began)}), flush=True)
+                                        "img/s": stats["num_examples"] / (time.monotonic() - began),
+                                        **plan.metrics}), flush=True)
         if is_evaluation_step(epoch + 1, config.epochs, config.eval_every):
             records.append(_evaluate(model, dataset, config, device, epoch + 1, train_loss))
     return records

@@ -32,10 +32,11 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "neck_feat": ("before", "after"),
     "optimizer": ("adam", "sgd"),
     "distance": ("cosine", "euclidean"),
-    "method": ("fedavg", "fedprox", "moon", "pem", "calr"),
+    "method": ("fedavg", "fedprox", "moon", "pem", "calr", "fire2"),
     "pem_variant": ("baseline", "pkd", "scm", "pkd+scm", "full"),
     "pem_partner": ("random", "hard"),
     "calr_refine_schedule": ("cosine", "constant"),
+    "fire2_pooling": ("avg", "max+avg"),
 }
 
 # post-processing steps, applied in the order the user gives (common/postprocess.py)
@@ -147,6 +148,21 @@ class Config:
     calr_align_alpha: float = 1.0
     calr_align_hidden: int = 100
     calr_gem_p: float = 3.0  # initial GeM exponent (learned)
+    # FIRe² (method = "fire2"; common/fire2.py, docs/fire2.md): published values
+    fire2_start_epoch: int = 25  # FFM, FAR and the triplet act from this epoch (centralized) or round (federated), 0-based
+    fire2_ffm: bool = True  # attribute-aware classification loss on fine-grained ids (off: FAR alone)
+    fire2_far: bool = True  # fine-grained attribute recomposition (off: FFM alone)
+    fire2_far_with_pem: bool = False  # method = "pem": FAR's recomposed positives in stage 3 besides the pose swaps
+    fire2_k1: int = 20  # Jaccard distance of the per-identity clustering
+    fire2_k2: int = 6
+    fire2_eps: float = 0.4  # DBSCAN radius on the Jaccard distance
+    fire2_min_samples: int = 1  # DBSCAN core-point neighbourhood size (itself included)
+    fire2_scale: float = 16.0  # cosine classifier scale over fine-grained ids
+    fire2_epsilon: float = 0.1  # attribute-aware soft target: share spread over the identity's fine ids
+    fire2_parts: int = 2  # FAR: horizontal parts P of the feature map
+    fire2_recompositions: int = 1  # FAR: recomposed copies K of each image
+    fire2_far_weight: float = 0.3  # FAR's label-smoothed CE weight
+    fire2_pooling: str = "max+avg"  # pooled feature of FIRe²'s model: max and average concatenated, or average
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -197,6 +213,7 @@ class Config:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be in [0, 1]")
         self._check_ranges()
         self._check_calr()
+        self._check_fire2()
         self.lr_step_list  # parses or raises
         self.post_steps
 
@@ -242,6 +259,24 @@ class Config:
         for name, (text, ok) in ranges.items():
             if not ok:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be in {text}, got {getattr(self, name)}")
+
+    def _check_fire2(self) -> None:
+        """Bounds of the FIRe² keys (names and ranges in the messages)."""
+        for name in ("fire2_k1", "fire2_k2", "fire2_min_samples", "fire2_scale", "fire2_parts",
+                     "fire2_recompositions"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be > 0, got {getattr(self, name)}")
+        for name in ("fire2_start_epoch", "fire2_far_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be >= 0, got {getattr(self, name)}")
+        ranges = {"fire2_eps": ("(0, 1): a Jaccard distance", 0.0 < self.fire2_eps < 1.0),
+                  "fire2_epsilon": ("[0, 1)", 0.0 <= self.fire2_epsilon < 1.0)}
+        for name, (text, ok) in ranges.items():
+            if not ok:
+                raise ConfigError(f"config key '{name.replace('_', '-')}' must be in {text}, got {getattr(self, name)}")
+        if self.fire2_far_with_pem and self.method != "pem":
+            raise ConfigError(f"config key 'fire2-far-with-pem' = true needs method = 'pem' (got {self.method!r}); "
+                              "method 'fire2' runs FAR with 'fire2-far'")
 
     # ------------------------------------------------------------ derived views
     @property

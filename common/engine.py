@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +36,17 @@ class Batch:
 # a local training objective: (model, its training outputs on the batch, the batch) -> named loss terms
 # (scalar tensors) whose sum is minimised; the default is ``reid_loss`` (CE + triplet)
 Objective = Callable[[ReIDModel, ReIDOutput, Batch], dict[str, torch.Tensor]]
+
+
+@dataclass
+class EpochPlan:
+    """What one epoch trains with when a method rebuilds part of its loss every epoch (e.g. after
+    re-clustering): the ``objective`` (``None``: CE + triplet), ``optimizers`` that step besides the model's
+    (for heads built for this epoch only) and scalar ``metrics`` of the preparation."""
+
+    objective: Objective | None = None
+    optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(setting: str = "auto") -> torch.device:
@@ -107,12 +118,14 @@ def reid_objective(config: Config) -> Objective:
     return lambda model, outputs, batch: reid_loss(model, outputs, batch.labels, config)
 
 
-def train_epoch(model: ReIDModel, loader, optimizer: torch.optim.Optimizer, config: Config, device: torch.device,
-                scaler: torch.amp.GradScaler | None = None, objective: Objective | None = None,
-                desc: str = "train") -> dict[str, float]:
+def train_epoch(model: ReIDModel, loader, optimizer: torch.optim.Optimizer | list[torch.optim.Optimizer],
+                config: Config, device: torch.device, scaler: torch.amp.GradScaler | None = None,
+                objective: Objective | None = None, desc: str = "train") -> dict[str, float]:
     """One pass over ``loader`` minimising ``objective`` (default CE + triplet); returns the mean of each loss
-    term per image and the classifier's accuracy on the real images."""
+    term per image and the classifier's accuracy on the real images.  ``optimizer``: one, or several that all
+    step on every batch (e.g. the model's and one for a head the objective rebuilds every epoch)."""
     objective = objective or reid_objective(config)
+    optimizers = optimizer if isinstance(optimizer, list) else [optimizer]
     model.train()
     totals: dict[str, float] = {}
     correct = seen = 0
@@ -123,14 +136,17 @@ def train_epoch(model: ReIDModel, loader, optimizer: torch.optim.Optimizer, conf
             outputs = model(images)
             terms = objective(model, outputs, Batch(images, labels, indices))
             loss = sum(terms.values())
-        optimizer.zero_grad(set_to_none=True)
+        for each in optimizers:
+            each.zero_grad(set_to_none=True)
         if use_amp:
             scaler.scale(loss).backward()
-            scaler.step(optimizer)
+            for each in optimizers:
+                scaler.step(each)
             scaler.update()
         else:
             loss.backward()
-            optimizer.step()
+            for each in optimizers:
+                each.step()
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) * len(labels)
         correct += int((outputs.logits.argmax(1) == labels).sum())

@@ -6,10 +6,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from typing import Callable
+
 import torch
+import torch.nn as nn
 
 from common.data.loading import train_loader
-from common.engine import Objective, make_optimizer, seed_everything, set_lr, train_epoch
+from common.engine import EpochPlan, Objective, make_optimizer, seed_everything, set_lr, train_epoch
 from common.methods import register
 from common.methods.base import LocalJob, LocalResult, Method
 from common.models.reid import ReIDModel
@@ -18,11 +21,14 @@ from common.models.reid import ReIDModel
 @dataclass
 class Preparation:
     """What a method's stages before local training hand over: extra ``private`` state kept on the
-    client, scalar ``metrics``, and the local ``objective`` (``None``: CE + triplet, FedAvg's)."""
+    client, scalar ``metrics``, and the local ``objective`` (``None``: CE + triplet, FedAvg's) — or
+    ``epoch_plan``, called with each local epoch's index (0-based) before it, for methods that rebuild their
+    objective every epoch (then ``objective`` is not used)."""
 
     private: dict = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     objective: Objective | None = None
+    epoch_plan: Callable[[int], EpochPlan] | None = None
 
 
 @register("fedavg")
@@ -38,27 +44,38 @@ class FedAvg(Method):
         scaler = torch.amp.GradScaler("cuda") if job.config.amp and job.device.type == "cuda" else None
         loader = train_loader(job.partition.records, job.partition.labels, job.config, seed=job.seed)
         stats: dict[str, float] = {}
+        plan = EpochPlan(prepared.objective)
         began = time.perf_counter()
         for epoch in range(job.config.local_epochs):
             loader.sampler.set_epoch(epoch)
-            stats = train_epoch(model, loader, optimizer, job.config, job.device, scaler, objective=prepared.objective,
-                                desc=f"camera {job.partition.camid} round {job.server_round}")
+            if prepared.epoch_plan is not None:
+                plan = prepared.epoch_plan(epoch)
+            stats = train_epoch(model, loader, [optimizer, *plan.optimizers], job.config, job.device, scaler,
+                                objective=plan.objective, desc=f"camera {job.partition.camid} round {job.server_round}")
         return LocalResult(
             shared={k: v.detach().cpu().clone() for k, v in model.shared_state().items()},
             private={**prepared.private,
-                     "classifier": {k: v.detach().cpu().clone() for k, v in model.classifier.state_dict().items()}},
-            metrics={**prepared.metrics, **self.round_metrics(stats), "seconds_local": time.perf_counter() - began},
+                     **{key: {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+                        for key, module in self.private_modules(model).items()}},
+            metrics={**prepared.metrics, **plan.metrics, **self.round_metrics(stats),
+                     "seconds_local": time.perf_counter() - began},
             num_examples=len(job.partition.records),
         )
 
     def local_model(self, job: LocalJob) -> ReIDModel:
-        """Global shared weights + this camera's classifier (a fresh one on its first round), on ``job.device``."""
+        """Global shared weights + this camera's private modules (fresh ones on its first round), on ``job.device``."""
         model = self.shared_model(job.config)
         model.set_num_classes(job.partition.num_ids)
         model.load_shared_state(job.shared)
-        if "classifier" in job.private:
-            model.classifier.load_state_dict(job.private["classifier"])
+        for key, module in self.private_modules(model).items():
+            if key in job.private:
+                module.load_state_dict(job.private[key])
         return model.to(job.device)
+
+    def private_modules(self, model: ReIDModel) -> dict[str, nn.Module]:
+        """The modules of ``model`` that stay on the camera across rounds, by private-state key (FedAvg: its
+        identity classifier)."""
+        return {"classifier": model.classifier}
 
     def prepare(self, job: LocalJob, model: ReIDModel) -> Preparation:
         """Work before local training on ``model`` (none for FedAvg)."""

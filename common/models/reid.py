@@ -20,6 +20,15 @@ class ReIDOutput:
     logits: torch.Tensor | None
 
 
+def bnneck(dim: int) -> nn.BatchNorm1d:
+    """The BNNeck's BatchNorm1d over ``dim`` features: weight 1, bias 0 and frozen."""
+    bn = nn.BatchNorm1d(dim)
+    bn.bias.requires_grad_(False)
+    nn.init.ones_(bn.weight)
+    nn.init.zeros_(bn.bias)
+    return bn
+
+
 class ReIDModel(nn.Module):
     """Backbone + BNNeck (shared by federated clients) + optional classifier (private to a client)."""
 
@@ -27,13 +36,11 @@ class ReIDModel(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.feat_dim = backbone.out_channels
-        self.bottleneck = nn.BatchNorm1d(self.feat_dim)
-        self.bottleneck.bias.requires_grad_(False)
-        nn.init.ones_(self.bottleneck.weight)
-        nn.init.zeros_(self.bottleneck.bias)
+        self.bottleneck = bnneck(self.feat_dim)
         self.classifier = self.new_classifier(num_classes) if num_classes else None
         self.neck_feat = neck_feat
         self.frozen_prefixes: tuple[str, ...] = ()
+        self.private_prefixes: tuple[str, ...] = ("classifier.",)  # state a federated client never sends
         self.input_stage = 0  # > 0: inputs are the outputs of the backbone's first ``input_stage`` stages
 
     def freeze_stages(self, count: int) -> None:
@@ -93,9 +100,9 @@ class ReIDModel(nn.Module):
 
     def shared_state(self) -> dict[str, torch.Tensor]:
         """Weights a federated client shares: backbone + BNNeck (+ added shared modules such as PEM); the
-        classifier stays private and frozen stages are not sent."""
+        classifier (and whatever else ``private_prefixes`` names) stays private and frozen stages are not sent."""
         return {k: v for k, v in self.state_dict().items()
-                if not k.startswith("classifier.") and not k.startswith(self.frozen_prefixes)}
+                if not k.startswith(self.private_prefixes) and not k.startswith(self.frozen_prefixes)}
 
     def load_shared_state(self, shared: dict[str, torch.Tensor]) -> None:
         """Load shared weights: exactly the keys of ``shared_state`` (the classifier and frozen stages keep
