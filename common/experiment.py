@@ -46,6 +46,13 @@ METHODS: dict[str, dict[str, Any]] = {
     "pem-nomask": {"method": "pem", "pem-variant": "full", "pem-mask": False},
     "pem-hard": {"method": "pem", "pem-variant": "full", "pem-partner": "hard"},
     "pem-untrained": {"method": "pem", "pem-variant": "full", "pem-epochs": 0},
+    "pem-centred": {"method": "pem", "pem-variant": "full", "pem-pkd-centre": True},
+    # FIRe² ablation (docs/fire2.md): its model and schedule without FFM and FAR, each alone, both; PEM with FAR
+    "fire2-baseline": {"method": "fire2", "fire2-ffm": False, "fire2-far": False},
+    "fire2-ffm": {"method": "fire2", "fire2-far": False},
+    "fire2-far": {"method": "fire2", "fire2-ffm": False},
+    "fire2": {"method": "fire2"},
+    "pem-far": {"method": "pem", "pem-variant": "full", "fire2-far-with-pem": True},
 }
 REFERENCE = "fedavg"
 METRICS = ("mAP", "rank1", "mINP")

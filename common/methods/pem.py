@@ -13,7 +13,8 @@ Backbone + BNNeck + PEM are shared (the server averages them); classifiers and t
 Variants (config ``pem-variant``): ``baseline`` (stage 3 without swapped features: FedAvg),
 ``pkd`` / ``scm`` (PEM trained with one loss, expert features only), ``pkd+scm`` (both, no CR),
 ``full`` (both + CR).  ``pem-mask=false`` drops PKD's same-identity mask; ``pem-partner='hard'``
-swaps with the most dissimilar pose instead of a random other identity.
+swaps with the most dissimilar pose instead of a random other identity.  ``fire2-far-with-pem=true`` adds
+FIRe²'s attribute recomposition (FAR, common/fire2.py) to stage 3: a second kind of synthesized positive.
 """
 
 from __future__ import annotations
@@ -29,11 +30,14 @@ from common.config import Config, ConfigError
 from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
 from common.data.dataset import PKSampler
 from common.data.loading import test_loader, train_loader
-from common.engine import Batch, make_optimizer, set_lr, train_epoch
+from common.engine import Batch, derived_seed, make_optimizer, set_lr, train_epoch
+from common.fire2 import FIRe2Training
 from common.losses import batch_hard_triplet, cross_entropy_smooth, cycle_consistency_loss, pose_distillation_loss
 from common.methods import register
 from common.methods.base import LocalJob
 from common.methods.fedavg import FedAvg, Preparation
+from common.methods.fire2 import far_head_module
+from common.models.fire2 import build_fire2_model
 from common.models.pem import PoseExtractionModule, swap_partners
 from common.models.reid import ReIDModel, ReIDOutput, build_model
 
@@ -87,12 +91,31 @@ class PEM(FedAvg):
     """FedAvg's local round (stage 3, with pose-swapped positives) after the expert (1) and PEM (2) stages."""
 
     def shared_model(self, config: Config) -> nn.Module:
-        model = build_model(config)
+        """Backbone + BNNeck (+ PEM); with ``fire2-far-with-pem`` also FIRe²'s FAR head (private, like the
+        classifier; average pooling as PEM's)."""
+        model = build_fire2_model(config, max_avg=False, far=True) if config.fire2_far_with_pem else build_model(config)
         if config.pem_variant != "baseline":
             model.pem = PoseExtractionModule(model.feat_dim, config.pem_reduction)
         return model
 
+    def private_modules(self, model: ReIDModel) -> dict[str, nn.Module]:
+        return {**super().private_modules(model), **far_head_module(model)}
+
     def prepare(self, job: LocalJob, model: ReIDModel) -> Preparation:
+        """Stages 1 and 2, then stage 3's objective; with ``fire2-far-with-pem`` (from round
+        ``fire2-start-epoch`` + 1) FIRe²'s FAR adds its recomposed positives to it, with fine-grained ids mined
+        from the round's local-global model on the camera's images (``common.fire2``)."""
+        prepared = self._prepare_pem(job, model)
+        training = FIRe2Training(job.config, job.partition.records, job.partition.labels, job.device)
+        if job.config.fire2_far_with_pem and training.active(job.server_round - 1):
+            training.check_parts(model)
+            plan = training.epoch_plan(model, job.server_round - 1, job.lr, derived_seed(job.seed, 1),
+                                       base=prepared.objective, ffm=False, far=True)
+            prepared.objective = plan.objective
+            prepared.metrics.update(plan.metrics)
+        return prepared
+
+    def _prepare_pem(self, job: LocalJob, model: ReIDModel) -> Preparation:
         """Stages 1 and 2; the expert and its optimizer state are returned as private state, and stage 3's
         objective (pose-swapped positives from the then fixed PEM) shares the round's poses and generator.
         Metrics include the seconds each stage took (``seconds_expert``, ``seconds_pem_maps``, ``seconds_pem``)."""
@@ -266,7 +289,8 @@ def pem_losses(pem: PoseExtractionModule, features: torch.Tensor, labels: torch.
     pose = cycle = zero
     if config.pem_variant in USES_PKD:
         plus, _ = pem.decouple(features)
-        pose = config.pem_pose_weight * pose_distillation_loss(z, plus, labels, valid, use_mask=config.pem_mask)
+        pose = config.pem_pose_weight * pose_distillation_loss(z, plus, labels, valid, use_mask=config.pem_mask,
+                                                                   centre=config.pem_pkd_centre)
     if config.pem_variant in USES_SCM:
         delta = swap_partners(labels, z, config.pem_partner == "hard", generator, valid)
         scale = features.detach().abs().flatten(1).sum(1).mean().clamp_min(1e-12)
