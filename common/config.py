@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "dataset": ("synthetic", "market1501", "msmt17"),
+    "dataset": ("synthetic", "market1501", "msmt17", "ltcc", "prcc"),
+    "eval_protocol": ("standard", "cloth-changing", "same-clothes"),  # docs/cloth-changing.md
     "backbone": ("resnet50", "resnet18", "efficientnet_lite0"),
     "neck_feat": ("before", "after"),
     "optimizer": ("adam", "sgd"),
@@ -36,6 +37,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pem_variant": ("baseline", "pkd", "scm", "pkd+scm", "full"),
     "pem_partner": ("random", "hard"),
     "calr_refine_schedule": ("cosine", "constant"),
+    "transport_dtype": ("float32", "float16", "bfloat16"),
+    "aggregation": ("mean", "median", "trimmed-mean"),
     "fire2_pooling": ("avg", "max+avg"),
 }
 
@@ -60,6 +63,7 @@ class Config:
     synth_cameras: int = 4
     synth_seed: int = 0
     synth_pose_band: float = 1.0  # widens every synthetic camera's pose band (viewpoint and gait spread)
+    synth_clothes: int = 1  # outfits per synthetic identity; >= 2: one per camera, LTCC layout with clothes ids
     pose_file: str = ""  # pose interchange .npz (common/data/pose.py); empty = <data_dir>/poses.npz if present
     height: int = 128
     width: int = 64
@@ -95,6 +99,7 @@ class Config:
     eval_every: int = 1  # epochs (centralized) or rounds (federated)
     flip_test: bool = False
     distance: str = "cosine"
+    eval_protocol: str = "standard"  # standard | cloth-changing | same-clothes (needs clothes ids: ltcc, prcc, ...)
     post: str = ""  # post-processing steps in order, e.g. "flip,nfc,rerank" (common/pipeline.py)
     nfc_k1: int = 2
     nfc_k2: int = 2
@@ -115,6 +120,11 @@ class Config:
     min_train_clients: int = 2
     min_available_clients: int = 2
     round_timeout: float = 3600.0  # seconds a round waits for replies (late ones are discarded); 0 = no limit
+    transport_dtype: str = "float32"  # float16 | bfloat16: shared weights travel in 16 bits (half the bytes)
+    aggregation: str = "mean"  # mean (weighted by images) | median | trimmed-mean (common/federated/aggregation.py)
+    trim_fraction: float = 0.25  # trimmed-mean: share of cameras dropped at each end per coordinate, in [0, 0.5)
+    dp_clip_norm: float = 0.0  # > 0: each camera clips its update's L2 norm to this (common/federated/privacy.py)
+    dp_noise_multiplier: float = 0.0  # σ: each camera adds N(0, (σ·dp-clip-norm)²) to every coordinate of its update
     prox_mu: float = 0.01
     moon_mu: float = 1.0  # weight of MOON's model-contrastive loss
     moon_temperature: float = 0.5
@@ -122,6 +132,7 @@ class Config:
     # PEM (method = "pem")
     pem_variant: str = "full"
     pem_mask: bool = True
+    pem_pkd_centre: bool = False  # PKD on batch-centred F⁺ (a remedy; the paper's form is False)
     pem_partner: str = "random"
     pem_reduction: int = 16
     pem_expert_epochs: int = 1
@@ -163,6 +174,9 @@ class Config:
     fire2_recompositions: int = 1  # FAR: recomposed copies K of each image
     fire2_far_weight: float = 0.3  # FAR's label-smoothed CE weight
     fire2_pooling: str = "max+avg"  # pooled feature of FIRe²'s model: max and average concatenated, or average
+    # federated CALR: cameras upload their L2-normalised local cluster centroids (a privacy cost, docs/calr.md) and
+    # the server sends back cross-camera clusters of them; off = only the shared weights leave a camera
+    calr_share_centroids: bool = False
 
     # ------------------------------------------------------------------ parsing
     @classmethod
@@ -196,6 +210,9 @@ class Config:
             )
         if not 0.0 < self.synth_pose_band <= 30.0:
             raise ConfigError(f"config key 'synth-pose-band' must be in (0, 30], got {self.synth_pose_band}")
+        if not 1 <= self.synth_clothes <= self.synth_cameras:
+            raise ConfigError(f"config key 'synth-clothes' must be in 1..synth-cameras ({self.synth_cameras}): an "
+                              f"identity wears one outfit per camera, got {self.synth_clothes}")
         for name in ("freeze_stages", "pem_epochs", "pem_expert_epochs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be >= 0, got {getattr(self, name)}")
@@ -208,6 +225,11 @@ class Config:
                               f"{self.freeze_stages}, {self.pad}, {self.random_erasing}, {self.flip_test})")
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"config key 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0 or (self.dp_noise_multiplier and not self.dp_clip_norm):
+            raise ConfigError("config keys 'dp-clip-norm' and 'dp-noise-multiplier' must be >= 0, and noise needs a "
+                              f"clip norm > 0 (got {self.dp_clip_norm}, {self.dp_noise_multiplier})")
         for name in ("flip_prob", "random_erasing", "label_smoothing"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be in [0, 1]")
