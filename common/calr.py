@@ -113,6 +113,16 @@ class ClusteringLog:
 
 
 @dataclass
+class CrossCameraTargets:
+    """Cross-camera clusters as one camera sees them (federated CALR with ``calr-share-centroids``): a cluster
+    memory over the server's cross-camera centroids (G, D) and each training record's cross-camera cluster
+    ``labels`` (N,) int64 (−1: none)."""
+
+    memory: ClusterMemory
+    labels: np.ndarray
+
+
+@dataclass
 class CameraAlignment:
     """The camera head and each training record's camera index (0..cameras−1) for the camera CE."""
 
@@ -122,42 +132,56 @@ class CameraAlignment:
 
 def train_memory_epoch(model: CALRModel, records: list[ImageRecord], labels: np.ndarray, memory: ClusterMemory,
                        optimizer: torch.optim.Optimizer, config: Config, device: torch.device, seed: int,
-                       alignment: CameraAlignment | None = None, desc: str = "calr") -> dict[str, float]:
+                       alignment: CameraAlignment | None = None, desc: str = "calr",
+                       cross: CrossCameraTargets | None = None) -> dict[str, float]:
     """One P×K pass over the records with a cluster (``labels`` >= 0): cluster-memory CE, plus camera CE
-    through the gradient-reversal head with ``alignment``.  Returns mean ``memory`` (and ``camera``) losses
-    and ``num_examples``; ``{}`` when no batch can be formed."""
-    kept = [ImageRecord(r.path, int(label), r.camid) for r, label in zip(records, labels) if label >= 0]
+    through the gradient-reversal head with ``alignment``, plus CE over the cross-camera memory for the
+    samples with a cross-camera cluster with ``cross``.  Returns the mean per batch of the ``memory``
+    (``camera``, ``cross_camera``) losses over the batches where they apply, and ``num_examples``; ``{}`` when
+    no batch can be formed."""
+    rows = np.flatnonzero(labels >= 0)
+    kept = [ImageRecord(records[i].path, int(labels[i]), records[i].camid) for i in rows]
     if not kept:
         return {}
     loader = train_loader(kept, {int(c): int(c) for c in np.unique(labels[labels >= 0])}, config, seed=seed)
     model.train()
     totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
     seen = 0
-    for images, targets, camids, _ in tqdm(loader, desc=desc, leave=False, disable=None):
+    for images, targets, camids, indices in tqdm(loader, desc=desc, leave=False, disable=None):
         embedding = model.embed(images.to(device))
         terms = {"memory": memory(embedding, targets.to(device))}
         if alignment is not None:
             cameras = torch.tensor([alignment.index[int(c)] for c in camids], device=device)
             terms["camera"] = F.cross_entropy(alignment.head(embedding), cameras)
+        if cross is not None:
+            cross_labels = torch.from_numpy(cross.labels[rows[indices.numpy()]])
+            if (cross_labels >= 0).any():
+                has = cross_labels >= 0
+                terms["cross_camera"] = cross.memory(embedding[has.to(device)], cross_labels[has].to(device))
         optimizer.zero_grad(set_to_none=True)
         sum(terms.values()).backward()
         optimizer.step()
         for name, value in terms.items():
             totals[name] = totals.get(name, 0.0) + float(value.detach()) * len(targets)
+            counts[name] = counts.get(name, 0) + len(targets)
         seen += len(targets)
-    return {**{k: v / seen for k, v in totals.items()}, "num_examples": seen} if seen else {}
+    return {**{k: v / counts[k] for k, v in totals.items()}, "num_examples": seen} if seen else {}
 
 
 def clustering_epoch(model: CALRModel, records: list[ImageRecord], labels: np.ndarray, features: torch.Tensor,
                      optimizer: torch.optim.Optimizer, config: Config, device: torch.device, seed: int,
-                     alignment: CameraAlignment | None = None, desc: str = "calr") -> dict[str, float]:
-    """A cluster memory of ``labels`` built from ``features`` (N, D), then ``train_memory_epoch``; ``{}`` without
-    any cluster."""
+                     alignment: CameraAlignment | None = None, desc: str = "calr",
+                     cross: CrossCameraTargets | None = None) -> tuple[dict[str, float], ClusterMemory | None]:
+    """A cluster memory of ``labels`` built from ``features`` (N, D), then ``train_memory_epoch``; returns its
+    losses and the memory after the pass (``({}, None)`` without any cluster)."""
     if not (labels >= 0).any():
-        return {}
+        return {}, None
     memory = ClusterMemory.from_features(features, labels, config.calr_temperature,
                                          config.calr_memory_momentum).to(device)
-    return train_memory_epoch(model, records, labels, memory, optimizer, config, device, seed, alignment, desc)
+    stats = train_memory_epoch(model, records, labels, memory, optimizer, config, device, seed, alignment, desc,
+                               cross)
+    return stats, memory
 
 
 # ------------------------------------------------------------------------------------------ centralized
@@ -195,19 +219,18 @@ def train_one_camera(records: list[ImageRecord], config: Config, device: torch.d
 
 
 def inter_camera_labels(features: torch.Tensor, local: np.ndarray, camids: np.ndarray, epoch: int,
-                        config: Config, log: ClusteringLog) -> np.ndarray:
+                        config: Config, log: ClusteringLog) -> tuple[np.ndarray, dict]:
     """Global clusters of all features (N, D) (Infomap), refined by the local labels unless ``calr-refine`` is
-    off; both are logged.  Epoch is 0-based."""
+    off; both are logged.  Epoch is 0-based.  Returns the labels to train on and their log record."""
     result = infomap_clusters(features, config.calr_knn, config.calr_max_distance, config.calr_max_outlier_size,
                               seed=derived_seed(config.seed, epoch))
-    log("global", result.labels, epoch=epoch + 1)
+    record = log("global", result.labels, epoch=epoch + 1)
     if not config.calr_refine:
-        return result.labels
+        return result.labels, record
     probability = drop_probability(epoch, config.epochs, config.calr_refine_schedule)
     labels, dropped = refine(result.labels, result.density, local, camids, probability,
                              np.random.default_rng(derived_seed(config.seed, epoch, 2)))
-    log("refined", labels, epoch=epoch + 1, dropped=dropped, drop_probability=probability)
-    return labels
+    return labels, log("refined", labels, epoch=epoch + 1, dropped=dropped, drop_probability=probability)
 
 
 def train_calr_centralized(config: Config) -> list[dict]:
@@ -258,8 +281,8 @@ def _inter_camera_stage(config, dataset, records, camids, local, model, alignmen
         set_lr(optimizer, learning_rate(epoch, config))
         began = time.monotonic()
         features = embed_all(model, records, config, device)
-        labels = inter_camera_labels(features, local, camids, epoch, config, log)
-        stats = clustering_epoch(model, records, labels, features, optimizer, config, device,
+        labels, clustering = inter_camera_labels(features, local, camids, epoch, config, log)
+        stats, _ = clustering_epoch(model, records, labels, features, optimizer, config, device,
                                  seed=derived_seed(config.seed, epoch, 4),
                                  alignment=alignment if epoch < config.calr_align_epochs else None,
                                  desc=f"epoch {epoch + 1}/{config.epochs}")
@@ -270,7 +293,7 @@ def _inter_camera_stage(config, dataset, records, camids, local, model, alignmen
                                         "img/s": stats.get("num_examples", 0) / (time.monotonic() - began)}),
               flush=True)
         if is_evaluation_step(epoch + 1, config.epochs, config.eval_every):
-            records_out.append(_evaluate(model, dataset, config, device, epoch + 1, train_loss))
+            records_out.append(_evaluate(model, dataset, config, device, epoch + 1, train_loss, clustering))
     return records_out
 
 
@@ -292,9 +315,14 @@ def _restore(state: dict, path: Path, model, head, optimizer) -> int:
     return int(state["epoch"])
 
 
-def _evaluate(model, dataset, config: Config, device: torch.device, epoch: int, train_loss: float | None) -> dict:
-    """Evaluate after inter-camera ``epoch``; append to ``metrics.jsonl``."""
-    record = {"epoch": epoch, **evaluate_model(model, dataset, config, device), "train_loss": train_loss}
+def _evaluate(model, dataset, config: Config, device: torch.device, epoch: int, train_loss: float | None,
+              clustering: dict | None = None) -> dict:
+    """Evaluate after inter-camera ``epoch``; append to ``metrics.jsonl`` with the epoch's ``clustering`` record
+    (the pseudo-labels it trained on: ``clusters``, ``outliers`` and their quality against the true identities,
+    keys prefixed ``pseudo_``)."""
+    pseudo = {f"pseudo_{k}": clustering[k] for k in ("clusters", "outliers", "precision", "recall", "fscore",
+                                                     "expansion")} if clustering else {}
+    record = {"epoch": epoch, **evaluate_model(model, dataset, config, device), "train_loss": train_loss, **pseudo}
     append_jsonl(Path(config.output_dir) / METRICS_FILE, record)
     print(json.dumps(record), flush=True)
     return record

@@ -147,16 +147,108 @@ def test_federated_calr_local_round_trains_on_pseudo_labels_and_keeps_nothing_pr
     assert result.num_examples == len(_job(config, shared).partition.records)
 
 
-def test_two_round_calr_federation_on_synthetic_cameras(tiny_run_config):
+def _unit(*rows):
+    return torch.nn.functional.normalize(torch.tensor(rows, dtype=torch.float32), dim=1)
+
+
+def test_cross_camera_clusters_of_centroids_by_hand(tiny_config):
+    """Server side of calr-share-centroids: Infomap on the centroids, pivot refinement (the pivot's camera
+    keeps only the pivot), clusters within one camera dropped."""
+    from common.methods.calr import cross_camera_clusters
+
+    a, b, c, lone = torch.eye(8)[:4]
+    noise = torch.eye(8)[4:]
+    centres = torch.nn.functional.normalize(torch.stack([
+        a + 0.05 * noise[0], a + 0.05 * noise[1],  # person A twice in camera 1: the densest pair
+        a + 0.3 * noise[2], a + 0.3 * noise[3],  # A in cameras 2 and 3
+        b, b + 0.1 * noise[0],  # B in cameras 1 and 2
+        c, c + 0.1 * noise[1],  # C twice in camera 3 only
+        lone]), dim=1)
+    camids = np.array([1, 1, 2, 3, 1, 2, 3, 3, 2])
+    config = dataclasses.replace(tiny_config, num_server_rounds=4)
+    labels, dropped = cross_camera_clusters(centres, camids, 1, config)  # round 1: drop probability 1
+    assert dropped == 2  # one of A's camera-1 centroids, one of C's
+    assert labels[0] != labels[1] and max(labels[0], labels[1]) >= 0 and min(labels[0], labels[1]) == -1
+    a_label = max(labels[0], labels[1])
+    assert labels[2] == labels[3] == a_label and labels[4] == labels[5] != a_label
+    assert list(labels[6:]) == [-1, -1, -1] and labels.max() == 1  # C in one camera, the lone centroid
+    unrefined, dropped = cross_camera_clusters(centres, camids, 1, dataclasses.replace(config, calr_refine=False))
+    assert dropped == 0 and len(set(unrefined[:4].tolist())) == 1 and list(unrefined[6:]) == [-1, -1, -1]
+
+
+def test_centroid_download_maps_a_camera_s_previous_clusters(tiny_run_config):
+    from common.methods.calr import (CENTROID_CAMERA, CENTROID_CLUSTER, CROSS_CENTROIDS, LOCAL_LABELS,
+                                     cross_camera_targets)
+
+    config = load_config({**tiny_run_config, "method": "calr", "calr-share-centroids": True})
+    download = {CROSS_CENTROIDS: _unit([1.0, 0.0], [0.0, 1.0]), CENTROID_CAMERA: torch.tensor([1, 1, 2, 2, 2]),
+                CENTROID_CLUSTER: torch.tensor([-1, 0, 1, -1, 0])}
+    job = _job(config, {}, camera=1)  # camera 2: uploaded 3 centroids, its clusters 0, 1, 2 → 1, none, 0
+    camid = job.partition.camid
+    assert camid == 2
+    n = len(job.partition.records)
+    previous = np.array([0, 1, 2, -1] * (n // 4) + [0] * (n % 4))
+    job = dataclasses.replace(job, download=download, private={LOCAL_LABELS: torch.from_numpy(previous)})
+    targets = cross_camera_targets(job, config)
+    np.testing.assert_array_equal(targets.labels[:4], [1, -1, 0, -1])
+    assert torch.equal(targets.memory.features, download[CROSS_CENTROIDS])
+    # a camera whose last upload is not in the download (other count) or without one gets nothing
+    stale = dataclasses.replace(job, private={LOCAL_LABELS: torch.from_numpy(np.minimum(previous, 1))})
+    assert cross_camera_targets(stale, config) is None
+    assert cross_camera_targets(dataclasses.replace(job, private={}), config) is None
+
+
+def test_calr_federation_sharing_centroids_trains_across_cameras(tiny_run_config):
+    """Two rounds of federated CALR: round 1 uploads centroids, the server clusters them across cameras, round 2
+    trains against them.  Every reply holds the shared weights, scalars and the declared centroids, nothing
+    else.  (The tiny untrained features are far apart: every kNN edge is kept so that centroids can merge.)"""
+    from test_privacy import assert_only_shared_weights_and_scalars
+
     from client.app import app as client_app
     from camfed.inprocess import InProcessGrid
     from common.federated.server import run_federation
+    from common.methods import get_method
 
-    config = load_config({**tiny_run_config, "method": "calr", "num-server-rounds": 2})
-    evaluations = run_federation(InProcessGrid(client_app, 3, config.to_run_config()), config)
-    assert [e["round"] for e in evaluations] == [1, 2]
+    run_config = {**tiny_run_config, "method": "calr", "calr-share-centroids": True, "num-server-rounds": 2,
+                  "calr-max-distance": 2.0}
+    config = load_config(run_config)
+    shared, replies = get_method("calr").initial_shared_state(config), []
+
+    def inspecting(message, context):
+        reply = client_app(message, context)
+        assert_only_shared_weights_and_scalars(reply, shared, frozenset({"centroids"}))
+        replies.append(reply)
+        return reply
+
+    evaluations = run_federation(InProcessGrid(inspecting, 3, run_config), config)
+    assert [e["round"] for e in evaluations] == [1, 2] and len(replies) == 6
     out = Path(tiny_run_config["output-dir"])
-    rounds = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert all(r["clients"] == 3 and r["calr_clusters"] >= 1 for r in rounds)
+    first, second = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert first["calr_shared_centroids"] >= 3 and first["calr_cross_camera_clusters"] >= 1
+    assert first["calr_cross_camera"] == 0 and second["calr_cross_camera"] > 0
+    assert second["bytes_down_per_client"] > first["bytes_down_per_client"]  # the cross-camera centroids
+    assert all(r["clients"] == 3 and r["calr_clusters"] >= 1 for r in (first, second))
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert checkpoint["method"] == "calr" and "gem.p" in checkpoint["model"]
+
+
+@pytest.mark.slow
+def test_calr_sharing_centroids_with_real_processes(tiny_run_config, tmp_path):
+    """SuperLink + one SuperNode per camera (separate ClientApp processes): two rounds of federated CALR with
+    centroid sharing; the second round trains against the server's cross-camera clusters."""
+    from test_federation_deployment import CAMERAS, ROOT, deployment
+
+    from common.config import write_run_config
+    from common.federated.launch import flwr_run, run_status
+
+    values = {**tiny_run_config, "method": "calr", "calr-share-centroids": True, "calr-max-distance": 2.0,
+              "min-available-clients": CAMERAS, "min-train-clients": CAMERAS}
+    with deployment(tmp_path) as (flwr_home, _, _, _):
+        run_id, output = flwr_run(ROOT, flwr_home, str(write_run_config(tmp_path / "run.toml", values)),
+                                  timeout=300, echo=False)
+        assert run_id is not None, output
+        assert run_status(flwr_home, run_id) == "finished:completed", output[-3000:]
+    out = Path(values["output-dir"])
+    first, second = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
+    assert (first["clients"], second["clients"]) == (CAMERAS, CAMERAS)
+    assert first["calr_cross_camera_clusters"] >= 1 and second["calr_cross_camera"] > 0

@@ -2,10 +2,13 @@
 
 No classifier, no features, no images, no identity labels: every array in a reply has a key and
 shape of the shared model (backbone + BNNeck), and every metric is one number with a known name.
+The one declared exception: with ``calr-share-centroids = true`` a CALR reply also carries its local
+cluster centroids, and exactly those.
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
@@ -19,19 +22,24 @@ from common.federated.state import PrivateStateStore, state_dir
 from common.methods import get_method
 
 ALLOWED_METRICS = {"loss", "ce", "triplet", "accuracy", "prox", "local-seconds", "num-examples", "camera"}
-ALLOWED_METRICS |= {"calr_clusters", "calr_outlier_fraction"}  # CALR: number of local clusters, outlier share
+# CALR: number of local clusters, outlier share; with calr-share-centroids the cross-camera memory loss
+ALLOWED_METRICS |= {"calr_clusters", "calr_outlier_fraction", "calr_cross_camera"}
 ALLOWED_METRICS |= {"seconds_local", "moon"}  # seconds of the local training stage; MOON's contrastive term
 # PEM: its two losses, their gradient ratio, the attention's spread, the seconds of stages 1 and 2
 ALLOWED_METRICS |= {"pem_pose", "pem_cycle", "pem_grad_ratio", "pem_attention_std", "pem_attention_image_std",
                     "seconds_expert", "seconds_pem_maps", "seconds_pem"}
 
 
-def assert_only_shared_weights_and_scalars(reply: Message, shared: dict[str, torch.Tensor]) -> None:
-    """The check applied to every reply."""
+def assert_only_shared_weights_and_scalars(reply: Message, shared: dict[str, torch.Tensor],
+                                           upload: frozenset[str] = frozenset()) -> None:
+    """The check applied to every reply; ``upload``: the extra arrays the method declares (none by default)."""
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics"}
-    assert set(content.array_records) == {"arrays"} and set(content.metric_records) == {"metrics"}
+    records = {"arrays", "upload"} if upload else {"arrays"}
+    assert set(content.keys()) == records | {"metrics"}
+    assert set(content.array_records) == records and set(content.metric_records) == {"metrics"}
+    if upload:
+        assert set(content["upload"]) == upload
     assert not content.config_records
     arrays: ArrayRecord = content["arrays"]
     assert list(arrays) == list(shared)  # exactly the shared keys: no classifier.*, nothing extra
@@ -81,10 +89,12 @@ def test_every_reply_of_a_federated_run_is_clean(tiny_run_config):
     assert len(seen) == 3
 
 
-def test_calr_reply_holds_only_shared_weights_and_cluster_counts(tiny_run_config):
-    """Federated CALR (no sharing switch exists: nothing beyond this is ever sent) replies with the shared
-    weights (backbone, GeM, BNNeck) and scalars; pseudo-labels, features and centroids stay on the camera."""
-    run_config = {**tiny_run_config, "method": "calr"}
+@pytest.mark.parametrize("share", [False, True])
+def test_calr_reply_holds_only_shared_weights_and_cluster_counts(tiny_run_config, share):
+    """Federated CALR replies with the shared weights (backbone, GeM, BNNeck) and scalars; pseudo-labels,
+    features and centroids stay on the camera.  With ``calr-share-centroids``, the reply also holds the
+    camera's L2-normalised centroids (one per local cluster) and nothing else; its pseudo-labels stay."""
+    run_config = {**tiny_run_config, "method": "calr", "calr-share-centroids": share}
     config = load_config(run_config)
     InProcessGrid(client_app, 3, run_config)
     shared = get_method("calr").initial_shared_state(config)
@@ -92,10 +102,17 @@ def test_calr_reply_holds_only_shared_weights_and_cluster_counts(tiny_run_config
     context = Context(run_id=1, node_id=1001, node_config={"partition-id": 0, "num-partitions": 3},
                       state=RecordDict(), run_config=run_config)
     reply = client_app(_train_message(shared), context)
-    assert_only_shared_weights_and_scalars(reply, shared)
+    assert_only_shared_weights_and_scalars(reply, shared, frozenset({"centroids"}) if share else frozenset())
     assert {"calr_clusters", "calr_outlier_fraction"} <= set(reply.content["metrics"])
     partition = camera_partition(load_node_dataset(config), 0, 3)
-    assert PrivateStateStore(state_dir(config, partition.camid)).load("0123abcd", before_round=2) == {}
+    private = PrivateStateStore(state_dir(config, partition.camid)).load("0123abcd", before_round=2)
+    if not share:
+        assert private == {}
+        return
+    centres = torch.from_numpy(reply.content["upload"]["centroids"].numpy())
+    assert centres.shape == (reply.content["metrics"]["calr_clusters"], shared["bottleneck.weight"].shape[0])
+    assert torch.allclose(centres.norm(dim=1), torch.ones(len(centres)), atol=1e-5)
+    assert set(private) == {"labels"} and private["labels"].max() + 1 == len(centres)
 
 
 def test_query_reply_holds_only_the_partition_id(tiny_run_config):

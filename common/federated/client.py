@@ -1,7 +1,8 @@
 """The ClientApp's work: one camera's local round.
 
 Everything in the reply is checked here before it leaves the node: the shared weights must have
-exactly the keys, shapes and dtypes of the global weights that arrived, and metrics are scalars.
+exactly the keys, shapes and dtypes of the global weights that arrived, metrics are scalars, and a
+method's extra ``upload`` arrays (none for most methods) have exactly the names it declares.
 The classifier and any other private state go to the camera's state directory instead.
 """
 
@@ -20,6 +21,7 @@ from common.federated.state import PrivateStateStore, state_dir
 from common.methods import LocalJob, get_method
 
 ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # record names in messages
+UPLOAD, DOWNLOAD = "upload", "download"  # a method's declared extra arrays: camera → server, server → cameras
 PARTITION_KEY = "partition-id"
 NODE_KEYS = (PARTITION_KEY, "num-partitions")
 
@@ -65,19 +67,28 @@ def train(message: Message, context: Context) -> Message:
     job = LocalJob(config=config, partition=partition, shared=shared_in,
                    private=store.load(run_tag, before_round=server_round), server_round=server_round,
                    lr=float(round_config["lr"]), seed=round_seed(config.seed, server_round, partition.camid),
-                   device=resolve_device(config.device), data_root=dataset.root)
+                   device=resolve_device(config.device), data_root=dataset.root,
+                   download=arrays_to_state(message.content[DOWNLOAD])
+                   if DOWNLOAD in message.content.array_records else {})
     began = time.monotonic()
-    result = get_method(config.method).local_round(job)
+    method = get_method(config.method)
+    result = method.local_round(job)
     local_seconds = time.monotonic() - began
     problem = conformity_error(result.shared, signature(shared_in))
     if problem:
         raise RuntimeError(f"method '{config.method}' returned shared weights that differ from the global ones: "
                            f"{problem}; nothing was sent")
+    if set(result.upload) != method.upload_keys(config):
+        raise RuntimeError(f"method '{config.method}' would upload {sorted(result.upload)}, but declares "
+                           f"{sorted(method.upload_keys(config))}; nothing was sent")
     store.save(result.private, run_tag, server_round)
     metrics = MetricRecord({**{k: float(v) for k, v in result.metrics.items()},
                             "local-seconds": local_seconds, "num-examples": int(result.num_examples),
                             "camera": int(partition.camid)})
-    return Message(RecordDict({ARRAYS: state_to_arrays(result.shared), METRICS: metrics}), reply_to=message)
+    content = RecordDict({ARRAYS: state_to_arrays(result.shared), METRICS: metrics})
+    if result.upload:
+        content[UPLOAD] = state_to_arrays(result.upload)
+    return Message(content, reply_to=message)
 
 
 def query(message: Message, context: Context) -> Message:

@@ -1,9 +1,10 @@
 """The ServerApp's work: rounds of federated training with evaluation, checkpoints and resume.
 
 Per round: sample cameras → send the global shared weights and the round config (server-round, lr,
-run-tag) → average the replies (``CameraFedAvg``) → append ``rounds.jsonl`` → every ``eval-every``
-rounds and at the last one evaluate the global model on the test split (``metrics.jsonl``, plot)
-→ checkpoint ``{"round", "model", "config", "method", "run-tag"}`` atomically.  A round that averaged
+run-tag) → average the replies (``CameraFedAvg``) → combine the method's declared uploads, if any, into what
+goes to every camera next round (``Method.combine_uploads``; not checkpointed) → append ``rounds.jsonl``
+→ every ``eval-every`` rounds and at the last one evaluate the global model on the test split
+(``metrics.jsonl``, plot) → checkpoint ``{"round", "model", "config", "method", "run-tag"}`` atomically.  A round that averaged
 nothing because the clients' errors recur every round stops the run (``failure.json``, ``FederationFailed``).
 """
 
@@ -24,7 +25,7 @@ from common.data.loading import check_dataset
 from common.engine import (append_jsonl, atomic_save, evaluate_model, learning_rate, lr_schedule_lines,
                            resolve_device, write_config_snapshot)
 from common.federated.arrays import StateDict, arrays_to_state, conformity_error, signature, state_to_arrays
-from common.federated.client import ARRAYS
+from common.federated.client import ARRAYS, DOWNLOAD, METRICS, UPLOAD
 from common.federated.data import load_node_dataset, with_absolute_paths
 from common.federated.history import plot_metrics
 from common.federated.strategy import CameraFedAvg, Screening
@@ -86,9 +87,11 @@ def run_federation(grid: Grid, config: Config) -> list[dict]:
     progress = StepProgress("round", config.num_server_rounds, start=start)
     strategy = CameraFedAvg(config, shared)
     evaluate = GlobalEvaluator(method, config)
-    arrays, evaluations = state_to_arrays(shared), []
+    arrays, evaluations, download = state_to_arrays(shared), [], {}
     for server_round in range(start + 1, config.num_server_rounds + 1):
-        arrays, record, screening = _train_round(grid, strategy, arrays, server_round, config, run_tag)
+        arrays, record, screening = _train_round(grid, strategy, arrays, server_round, config, run_tag, download)
+        download, combined = method.combine_uploads(config, server_round, _uploads(screening))
+        record.update(combined)
         append_jsonl(out / ROUNDS_FILE, record)
         if strategy.cannot_train(screening):
             raise record_failure(out / FAILURE_FILE, record, screening, config)
@@ -110,24 +113,35 @@ def run_federation(grid: Grid, config: Config) -> list[dict]:
 
 
 def _train_round(grid: Grid, strategy: CameraFedAvg, arrays: ArrayRecord, server_round: int, config: Config,
-                 run_tag: str) -> tuple[ArrayRecord, dict, Screening]:
-    """One round of training: (new global arrays, the round's record for ``rounds.jsonl``, its screening)."""
+                 run_tag: str, download: StateDict) -> tuple[ArrayRecord, dict, Screening]:
+    """One round of training: (new global arrays, the round's record for ``rounds.jsonl``, its screening).
+    A method's ``download`` (from the previous round's uploads) goes to every camera with the weights."""
     began = time.monotonic()
     lr = learning_rate(server_round - 1, config)
     round_config = ConfigRecord({"lr": lr, "run-tag": run_tag})
     messages = strategy.train_messages(server_round, arrays, round_config, strategy.sample(grid, server_round))
+    extra = state_to_arrays(download)
+    if download:
+        for message in messages:
+            message.content[DOWNLOAD] = extra
     replies, missing = strategy.collect(grid, messages)
     screening = strategy.screen(server_round, replies, missing)
     new_arrays, metrics = strategy.average(server_round, screening.usable)
     record = {"round": server_round, "lr": lr, "sampled": len(messages), **dict(metrics),
               "failed": len(messages) - len(screening.usable), "aggregated": new_arrays is not None,
-              "bytes_down_per_client": arrays.count_bytes(),
+              "bytes_down_per_client": arrays.count_bytes() + extra.count_bytes(),
               "bytes_up": sum(r.content[ARRAYS].count_bytes() for r in replies.values()
                               if r.has_content() and ARRAYS in r.content.array_records),
               "seconds": round(time.monotonic() - began, 3)}
     if screening.failures:
         record["failures"] = [f.as_dict() for f in screening.failures]
     return (new_arrays if new_arrays is not None else arrays), record, screening
+
+
+def _uploads(screening: Screening) -> list[tuple[int, StateDict]]:
+    """(camera id, declared upload arrays) of every usable reply that carries them."""
+    return [(int(reply.content[METRICS]["camera"]), arrays_to_state(reply.content[UPLOAD]))
+            for reply, _ in screening.usable if UPLOAD in reply.content.array_records]
 
 
 class FederationFailed(RuntimeError):

@@ -9,7 +9,7 @@ choice (``shared_model``); the server and the ClientApp only move those.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,18 +43,22 @@ class LocalJob:
     seed: int
     device: torch.device
     data_root: Path | None = None  # dataset folder (e.g. to find the pose file)
+    download: StateDict = field(default_factory=dict)  # what the server sent every camera besides the weights
 
 
 @dataclass
 class LocalResult:
     """``shared``: updated shared weights (same keys, shapes, dtypes as ``LocalJob.shared``);
     ``private``: state kept on the client (tensors, numbers, strings and dicts/lists of them);
-    ``metrics``: scalars (losses, accuracy); ``num_examples``: the aggregation weight."""
+    ``metrics``: scalars (losses, accuracy); ``num_examples``: the aggregation weight; ``upload``: arrays
+    besides the weights that leave the camera, exactly the keys of ``Method.upload_keys`` (a privacy cost
+    the method declares; ``{}`` for most methods)."""
 
     shared: StateDict
     private: dict[str, Any]
     metrics: dict[str, float]
     num_examples: int
+    upload: StateDict = field(default_factory=dict)
 
 
 class Method(ABC):
@@ -77,6 +81,18 @@ class Method(ABC):
         model = self.shared_model(config)
         model.load_shared_state(shared)
         return model
+
+    def upload_keys(self, config: Config) -> set[str]:
+        """Names of the arrays besides the shared weights that a reply carries under ``config`` (default none);
+        the ClientApp refuses to send anything else."""
+        return set()
+
+    def combine_uploads(self, config: Config, server_round: int,
+                        uploads: list[tuple[int, StateDict]]) -> tuple[StateDict, dict[str, float]]:
+        """Server side, after averaging round ``server_round``: the (camera id, upload) of every usable reply →
+        (arrays sent to every camera with the next round's weights as ``LocalJob.download``, scalars for
+        ``rounds.jsonl``).  Default: nothing."""
+        return {}, {}
 
     @abstractmethod
     def local_round(self, job: LocalJob) -> LocalResult:

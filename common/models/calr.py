@@ -35,18 +35,21 @@ class CALRModel(ReIDModel):
         return self.gem(feature_map)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """L2-normalised features (B, C) in the module's current mode: after the BNNeck's BN, or before it
-        with ``neck_feat = "before"`` (the same feature as evaluation)."""
-        features = self.pool(self.backbone(images))
+        """L2-normalised features (B, C) of images (or cached frozen-stage outputs) in the module's current mode:
+        after the BNNeck's BN, or before it with ``neck_feat = "before"`` (the same feature as evaluation)."""
+        features = self.pool(self.feature_map(images))
         return F.normalize(self.bottleneck(features) if self.neck_feat == "after" else features, dim=1)
 
 
 def build_calr_model(config: Config) -> CALRModel:
-    """CALR's model for ``config`` (backbone, initial weights, GeM p, frozen stages)."""
+    """CALR's model for ``config`` (backbone, initial weights, GeM p, frozen stages; with ``cache-frozen`` it takes
+    the frozen stages' cached outputs as input, as ``build_model``)."""
     model = CALRModel(build_backbone(config.backbone, config.pretrained, config.last_stride), config.neck_feat,
                       config.calr_gem_p)
     if config.freeze_stages:
         model.freeze_stages(config.freeze_stages)
+    if config.cache_frozen:
+        model.input_stage = config.freeze_stages
     return model
 
 
