@@ -240,7 +240,7 @@ def train_calr_centralized(config: Config) -> list[dict]:
     output_dir = Path(config.output_dir)
     checkpoint = open_run(config)
     dataset = load_dataset(config)
-    check_dataset(dataset)
+    check_dataset(dataset, protocol=config.eval_protocol)
     device = resolve_device(config.device)
     records = unlabeled(dataset.train)
     camids = np.array([r.camid for r in records])

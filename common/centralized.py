@@ -39,7 +39,7 @@ def train_centralized(config: Config) -> list[dict]:
     output_dir = Path(config.output_dir)
     checkpoint = check_run_folder(config)
     dataset = load_dataset(config)
-    check_dataset(dataset)
+    check_dataset(dataset, protocol=config.eval_protocol)
     replace_old_run(config)
     device = resolve_device(config.device)
     seed_everything(config.seed)

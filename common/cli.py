@@ -16,15 +16,15 @@ def _cmd_synth(args) -> None:
     from common.data.synthetic import generate_synthetic
 
     root = generate_synthetic(Path(args.out), num_ids=args.ids, num_cameras=args.cameras, seed=args.seed,
-                              height=args.height, width=args.width, pose_band=args.pose_band)
-    _print_partition(root)
+                              height=args.height, width=args.width, pose_band=args.pose_band, clothes=args.clothes)
+    _print_partition(root, "synthetic")
 
 
-def _print_partition(root: Path) -> None:
+def _print_partition(root: Path, dataset_name: str) -> None:
     from common.data.partition import partition_by_camera, partition_table
-    from common.data.readers import read_market1501
+    from common.data.readers import read_dataset
 
-    dataset = read_market1501(root)
+    dataset = read_dataset(dataset_name, root)
     print(f"{root}: {len(dataset.train)} train, {len(dataset.query)} query, {len(dataset.gallery)} gallery")
     print(partition_table(partition_by_camera(dataset.train)))
 
@@ -33,7 +33,7 @@ def _cmd_split_dev(args) -> None:
     from common.data.market_dev import split_market_dev
 
     root = split_market_dev(args.tar, args.out, test_fraction=args.test_fraction, seed=args.seed)
-    _print_partition(root)
+    _print_partition(root, "market1501")
 
 
 def _cmd_partition(args) -> None:
@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="camfed", description="Federated-by-camera person re-identification")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    synth = sub.add_parser("synth", help="generate a synthetic multi-camera ReID dataset (Market layout)")
+    synth = sub.add_parser("synth", help="generate a synthetic multi-camera ReID dataset (Market layout; LTCC "
+                                         "layout with --clothes >= 2)")
     synth.add_argument("--out", required=True)
     synth.add_argument("--ids", type=int, default=48)
     synth.add_argument("--cameras", type=int, default=4)
@@ -100,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--width", type=int, default=64)
     synth.add_argument("--pose-band", type=float, default=1.0,
                        help="widen every camera's pose band by this factor (viewpoint and gait spread)")
+    synth.add_argument("--clothes", type=int, default=1,
+                       help="outfits per identity (config key synth-clothes): >= 2 changes clothes between cameras "
+                            "and writes the LTCC layout with clothes ids (docs/cloth-changing.md)")
     synth.set_defaults(func=_cmd_synth)
 
     dev = sub.add_parser("split-dev", help="make a Market-style train/query/gallery split of the dev tar")

@@ -15,8 +15,8 @@ from tqdm import tqdm
 
 from common.config import Config, ConfigError
 from common.data.loading import test_loader
-from common.data.records import ReIDDataset
-from common.evaluation import evaluate_features, extract_features
+from common.data.records import ReIDDataset, clothes_ids
+from common.evaluation import evaluate_features, extract_features, reported_protocols
 from common.losses import batch_hard_triplet, cross_entropy_smooth
 from common.models.reid import ReIDModel, ReIDOutput
 
@@ -157,11 +157,31 @@ def train_epoch(model: ReIDModel, loader, optimizer: torch.optim.Optimizer | lis
 
 
 def evaluate_model(model: ReIDModel, dataset: ReIDDataset, config: Config, device: torch.device) -> dict[str, float]:
-    """mAP, rank-1/5/10 and mINP of ``model`` on the query / gallery split (fractions in [0, 1])."""
+    """mAP, rank-1/5/10 and mINP of ``model`` on the query / gallery split (fractions in [0, 1]) under
+    ``eval-protocol``, and each protocol's mAP and rank-1 when the dataset has clothes ids (``protocol_metrics``)."""
     qf, q_pids, q_cams = extract_features(model, test_loader(dataset.query, config), device, flip=config.flip_test)
     gf, g_pids, g_cams = extract_features(model, test_loader(dataset.gallery, config), device, flip=config.flip_test)
-    result = evaluate_features(qf.to(device), gf.to(device), q_pids, g_pids, q_cams, g_cams, metric=config.distance)
-    return summarize(result)
+    clothes = {"q_clothes": clothes_ids(dataset.query), "g_clothes": clothes_ids(dataset.gallery)}
+
+    def evaluate(protocol: str) -> dict:
+        return evaluate_features(qf.to(device), gf.to(device), q_pids, g_pids, q_cams, g_cams, metric=config.distance,
+                                 protocol=protocol, **clothes)
+
+    return protocol_metrics(evaluate, config.eval_protocol, reported_protocols(q_pids, g_pids, q_cams, g_cams,
+                                                                               **clothes))[1]
+
+
+def protocol_metrics(evaluate: Callable[[str], dict], protocol: str,
+                     reported: tuple[str, ...]) -> tuple[dict, dict[str, float]]:
+    """(``evaluate(protocol)``, an ``evaluate_rank`` result; its ``summarize`` plus ``<protocol>_mAP`` and
+    ``<protocol>_rank1`` of each ``reported`` protocol, dashes as underscores: ``cloth_changing_mAP``)."""
+    result = evaluate(protocol)
+    metrics = summarize(result)
+    for other in reported:
+        summary = metrics if other == protocol else summarize(evaluate(other))
+        key = other.replace("-", "_")
+        metrics[f"{key}_mAP"], metrics[f"{key}_rank1"] = summary["mAP"], summary["rank1"]
+    return result, metrics
 
 
 def summarize(result: dict) -> dict[str, float]:

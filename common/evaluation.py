@@ -6,6 +6,14 @@ queries left without a true match are skipped. AP is non-interpolated (mean prec
 true match), CMC@k is the fraction of valid queries with a true match in the top k, mINP is
 the mean of (number of true matches) / (rank of the last true match).
 
+Cloth-changing protocols (``protocol``, with per-image clothes ids; docs/cloth-changing.md): a
+same-pid gallery item is a true match when ``true_match`` says so and is dropped otherwise, never
+counted as a false match.  ``standard``: other camera; ``cloth-changing``: other camera and other
+clothes (LTCC's cloth-changing setting, Qian et al., "Long-Term Cloth-Changing Person
+Re-identification", ACCV 2020, arXiv:2005.12633, as the FIRe² authors evaluate it:
+github.com/QizaoWang/FIRe-CCReID, evaluate/metrics_for_cc.py); ``same-clothes``: other camera and
+the same clothes (PRCC's same-clothes test when the query holds B and C and the gallery A).
+
 Ties: items at exactly equal distance are ordered by gallery index (as a stable sort would).
 torchreid's ``np.argsort`` (quicksort) leaves the order of ties unspecified; without ties the
 results are identical.
@@ -26,7 +34,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from common.config import CHOICES
+
 METRICS = ("cosine", "euclidean")
+PROTOCOLS = CHOICES["eval_protocol"]  # standard, cloth-changing, same-clothes
 _BLOCK_ELEMENTS = 1 << 22  # distance entries ranked at once
 _FEATURE_CHUNK_ELEMENTS = 1 << 25  # distance entries computed per matmul (128 MiB)
 _MAX_BUCKETS = 1 << 24  # bucket ids per block (rows x width) stay exact in float32 below this
@@ -102,20 +113,62 @@ def _ids(ids, device) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.int64, device=device).reshape(-1)
 
 
+def true_match(same_camera, same_clothes, protocol: str):
+    """Which same-pid gallery items are true matches under ``protocol`` (the others are dropped).
+
+    ``same_camera``, ``same_clothes``: bool arrays (numpy or torch, broadcastable; ``same_clothes``
+    is ignored by ``standard`` and may be None there)."""
+    keep = ~same_camera
+    if protocol == "cloth-changing":
+        return keep & ~same_clothes
+    if protocol == "same-clothes":
+        return keep & same_clothes
+    return keep
+
+
 @dataclass
-class _Gallery:
-    """Gallery pids and camids; ``order`` sorts the gallery by (pid, index)."""
+class _Ids:
+    """pids, camids and clothes ids (None: unknown) of one side, as (N,) int64 tensors."""
 
     pids: torch.Tensor
     camids: torch.Tensor
+    clothes: torch.Tensor | None
+
+    @classmethod
+    def build(cls, pids, camids, clothes, device) -> "_Ids":
+        return cls(_ids(pids, device), _ids(camids, device), None if clothes is None else _ids(clothes, device))
+
+    def rows(self, rows: slice) -> "_Ids":
+        return _Ids(self.pids[rows], self.camids[rows], None if self.clothes is None else self.clothes[rows])
+
+
+@dataclass
+class _Gallery:
+    """Gallery pids, camids and clothes ids (None: unknown); ``order`` sorts the gallery by (pid, index)."""
+
+    pids: torch.Tensor
+    camids: torch.Tensor
+    clothes: torch.Tensor | None
     order: torch.Tensor
     sorted_pids: torch.Tensor
 
     @classmethod
-    def build(cls, pids, camids, device) -> "_Gallery":
-        pids, camids = _ids(pids, device), _ids(camids, device)
-        order = torch.argsort(pids, stable=True)
-        return cls(pids, camids, order, pids[order])
+    def build(cls, pids, camids, clothes, device) -> "_Gallery":
+        ids = _Ids.build(pids, camids, clothes, device)
+        order = torch.argsort(ids.pids, stable=True)
+        return cls(ids.pids, ids.camids, ids.clothes, order, ids.pids[order])
+
+    def same_pid(self, query: _Ids, protocol: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For B queries: gallery indices of their same-pid items (B, C) (padded), which are not padding
+        (B, C) bool, and which are true matches under ``protocol`` (B, C) bool."""
+        start = torch.searchsorted(self.sorted_pids, query.pids)
+        count = torch.searchsorted(self.sorted_pids, query.pids, right=True) - start
+        cols = torch.arange(max(int(count.max()), 1), device=query.pids.device)
+        in_same = cols[None, :] < count[:, None]
+        same = self.order[(start[:, None] + cols[None, :]).clamp_(max=len(self.order) - 1)]
+        same_clothes = None if protocol == "standard" else self.clothes[same] == query.clothes[:, None]
+        return same, in_same, in_same & true_match(self.camids[same] == query.camids[:, None], same_clothes,
+                                                   protocol)
 
 
 class _Workspace:
@@ -143,13 +196,8 @@ class _Matches:
     count: torch.Tensor  # (B,) number of true matches
 
     @classmethod
-    def find(cls, dist, q_pids, q_camids, gal: _Gallery) -> "_Matches":
-        start = torch.searchsorted(gal.sorted_pids, q_pids)
-        count = torch.searchsorted(gal.sorted_pids, q_pids, right=True) - start
-        cols = torch.arange(max(int(count.max()), 1), device=dist.device)
-        in_same = cols[None, :] < count[:, None]
-        same = gal.order[(start[:, None] + cols[None, :]).clamp_(max=len(gal.order) - 1)]
-        is_match = in_same & (gal.camids[same] != q_camids[:, None])
+    def find(cls, dist, query: _Ids, gal: _Gallery, protocol: str) -> "_Matches":
+        same, in_same, is_match = gal.same_pid(query, protocol)
         d = dist.gather(1, same)
         if not torch.isfinite(d[is_match]).all():
             raise ValueError("distance matrix has a non-finite distance to a true match")
@@ -209,7 +257,7 @@ def _count_before(grp_e, d_e, j_e, grp_m, d_m, j_m) -> torch.Tensor:
     return counts
 
 
-def _match_ranks(dist, q_pids, q_camids, gal: _Gallery, ws: _Workspace):
+def _match_ranks(dist, query: _Ids, gal: _Gallery, protocol: str, ws: _Workspace):
     """0-based rank of each true match among the row's kept gallery items.
 
     Returns ranks (B, C) int64 (meaningful where ``col < n_match``) and n_match (B,).
@@ -219,7 +267,7 @@ def _match_ranks(dist, q_pids, q_camids, gal: _Gallery, ws: _Workspace):
     nrows, ngal = dist.shape
     if not dist.is_floating_point() or dist.dtype in (torch.float16, torch.bfloat16):
         dist = dist.double()
-    m = _Matches.find(dist, q_pids, q_camids, gal)
+    m = _Matches.find(dist, query, gal, protocol)
     bins, width = _buckets(dist, m, ws)
     grid = bins.view(nrows, ngal)
     hist = torch.bincount(bins, minlength=nrows * width)
@@ -234,7 +282,7 @@ def _match_ranks(dist, q_pids, q_camids, gal: _Gallery, ws: _Workspace):
                                                            dist.device))
     flat = _flatnonzero(in_mark).to(dist.device)
     e_row, e_col = flat // ngal, flat % ngal
-    other = gal.pids[e_col] != q_pids[e_row]
+    other = gal.pids[e_col] != query.pids[e_row]
     flat, e_row, e_col = flat[other], e_row[other], e_col[other]
     same_bucket = _count_before(bins[flat].long(), dist[e_row, e_col], e_col,
                                 m_bins, m.dist[real], m.index[real])
@@ -274,18 +322,28 @@ class _Totals:
         first = ranks[:, 0].long().clamp_(max=self.max_rank).cpu()
         self.first_hist += torch.bincount(first, minlength=self.max_rank + 1)
 
-    def result(self) -> dict:
+    def result(self, protocol: str) -> dict:
         if self.valid == 0:
-            raise ValueError("no query has a true match (same pid, other camera) in the gallery")
+            raise ValueError(f"no query has a true match ({MATCH_RULES[protocol]}) in the gallery")
         cmc = np.cumsum(self.first_hist[:self.max_rank].numpy()) / self.valid
         return {"mAP": self.ap / self.valid, "mINP": self.inp / self.valid,
                 "cmc": cmc.astype(np.float64), "num_valid_queries": self.valid}
 
 
+MATCH_RULES = {"standard": "same pid, other camera", "cloth-changing": "same pid, other camera, other clothes",
+               "same-clothes": "same pid, other camera, same clothes"}
+
+
 def _check(n_query: int, n_gallery: int, ids: dict, max_rank: int,
-           chunk_size: int | None) -> int:
-    """Validate sizes; return max_rank clamped to the gallery size (with a warning)."""
+           chunk_size: int | None, protocol: str) -> int:
+    """Validate sizes and the protocol; return max_rank clamped to the gallery size (with a warning)."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if protocol != "standard" and (ids["q_clothes"] is None or ids["g_clothes"] is None):
+        raise ValueError(f"the {protocol} protocol needs clothes ids of the query and the gallery")
     for name, values in ids.items():
+        if values is None:
+            continue
         n = n_query if name.startswith("q_") else n_gallery
         if len(values) != n:
             raise ValueError(f"{name} has length {len(values)}, expected {n}")
@@ -312,10 +370,10 @@ def _one_cpu_thread(device: torch.device):
         torch.set_num_threads(previous)
 
 
-def _evaluate(chunks, ids: dict, device, max_rank: int, block_rows: int) -> dict:
+def _evaluate(chunks, ids: dict, device, max_rank: int, block_rows: int, protocol: str) -> dict:
     """Shared loop: ``chunks(workspace)`` yields (first row, (B, G) distances)."""
-    gal = _Gallery.build(ids["g_pids"], ids["g_camids"], device)
-    q_pids, q_camids = _ids(ids["q_pids"], device), _ids(ids["q_camids"], device)
+    gal = _Gallery.build(ids["g_pids"], ids["g_camids"], ids["g_clothes"], device)
+    query = _Ids.build(ids["q_pids"], ids["q_camids"], ids["q_clothes"], device)
     block_rows = max(1, min(block_rows, _MAX_BUCKETS // (len(gal.pids) // 4 + 3)))
     totals, ws = _Totals(max_rank), _Workspace()
     for first, dist in chunks(ws):  # distances computed with the caller's thread setting
@@ -323,18 +381,21 @@ def _evaluate(chunks, ids: dict, device, max_rank: int, block_rows: int) -> dict
             for i in range(0, len(dist), block_rows):
                 block = dist[i:i + block_rows]
                 rows = slice(first + i, first + i + len(block))
-                totals.add(*_match_ranks(block, q_pids[rows], q_camids[rows], gal, ws))
-    return totals.result()
+                totals.add(*_match_ranks(block, query.rows(rows), gal, protocol, ws))
+    return totals.result(protocol)
 
 
 # --------------------------------------------------------------------------- public API
 
 
 def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 50,
-                  chunk_size: int | None = None) -> dict:
+                  chunk_size: int | None = None, *, q_clothes=None, g_clothes=None,
+                  protocol: str = "standard") -> dict:
     """CMC / mAP / mINP from a (Q, G) distance matrix (numpy or torch; never copied whole).
 
     q_pids, q_camids: (Q,); g_pids, g_camids: (G,) integers (gallery pid 0 = distractor).
+    q_clothes (Q,), g_clothes (G,): integer clothes ids (compared only between images of one pid),
+    needed by the ``cloth-changing`` and ``same-clothes`` protocols (module docstring).
     Returns {"mAP": float, "mINP": float, "cmc": (max_rank,) float64 with cmc[0] = rank-1,
     "num_valid_queries": int}, metrics as fractions. Ties are ordered by gallery index.
     ``chunk_size``: query rows ranked at once (default: about 4M entries). Ranking runs on
@@ -344,29 +405,33 @@ def evaluate_rank(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int = 5
     dist = torch.from_numpy(distmat) if isinstance(distmat, np.ndarray) else distmat
     if dist.dim() != 2:
         raise ValueError(f"distmat must be 2-D (Q, G), got shape {tuple(dist.shape)}")
-    ids = {"q_pids": q_pids, "g_pids": g_pids, "q_camids": q_camids, "g_camids": g_camids}
-    max_rank = _check(*dist.shape, ids, max_rank, chunk_size)
+    ids = {"q_pids": q_pids, "g_pids": g_pids, "q_camids": q_camids, "g_camids": g_camids,
+           "q_clothes": q_clothes, "g_clothes": g_clothes}
+    max_rank = _check(*dist.shape, ids, max_rank, chunk_size, protocol)
     block_rows = chunk_size or max(1, _BLOCK_ELEMENTS // dist.shape[1])
-    return _evaluate(lambda ws: [(0, dist)], ids, dist.device, max_rank, block_rows)
+    return _evaluate(lambda ws: [(0, dist)], ids, dist.device, max_rank, block_rows, protocol)
 
 
 def evaluate_features(query_features: torch.Tensor, gallery_features: torch.Tensor,
                       q_pids, g_pids, q_camids, g_camids, metric: str = "cosine",
                       max_rank: int = 50, chunk_size: int | None = None,
-                      device: torch.device | str | None = None) -> dict:
+                      device: torch.device | str | None = None, *, q_clothes=None, g_clothes=None,
+                      protocol: str = "standard") -> dict:
     """``evaluate_rank`` of ``compute_distance(query, gallery, metric)`` without ever holding
     the (Q, G) matrix: distances are computed for ``chunk_size`` query rows at a time
     (default: about 32M entries) on ``device`` (default: the query features' device).
 
     query_features: (Q, D), gallery_features: (G, D), any float dtype (used as float32).
+    ``q_clothes``, ``g_clothes``, ``protocol``: as in ``evaluate_rank``.
     """
     if query_features.dim() != 2 or gallery_features.dim() != 2 \
             or query_features.shape[1] != gallery_features.shape[1]:
         raise ValueError(f"features must be (Q, D) and (G, D), got {tuple(query_features.shape)}"
                          f" and {tuple(gallery_features.shape)}")
     n_query, n_gallery = len(query_features), len(gallery_features)
-    ids = {"q_pids": q_pids, "g_pids": g_pids, "q_camids": q_camids, "g_camids": g_camids}
-    max_rank = _check(n_query, n_gallery, ids, max_rank, chunk_size)
+    ids = {"q_pids": q_pids, "g_pids": g_pids, "q_camids": q_camids, "g_camids": g_camids,
+           "q_clothes": q_clothes, "g_clothes": g_clothes}
+    max_rank = _check(n_query, n_gallery, ids, max_rank, chunk_size, protocol)
     device = query_features.device if device is None else torch.device(device)
     gallery = _prepare(gallery_features.to(device), metric)
     step = chunk_size or max(1, _FEATURE_CHUNK_ELEMENTS // n_gallery)
@@ -377,4 +442,28 @@ def evaluate_features(query_features: torch.Tensor, gallery_features: torch.Tens
             out = ws.get("dist", (len(query[0]), n_gallery), torch.float32, device)
             yield i, _pairwise(query, gallery, metric, out=out)
 
-    return _evaluate(chunks, ids, device, max_rank, _BLOCK_ELEMENTS // n_gallery)
+    return _evaluate(chunks, ids, device, max_rank, _BLOCK_ELEMENTS // n_gallery, protocol)
+
+
+def count_valid_queries(q_pids, g_pids, q_camids, g_camids, *, q_clothes=None, g_clothes=None,
+                        protocol: str = "standard") -> int:
+    """Number of queries with at least one true match under ``protocol`` (no features needed):
+    the queries ``evaluate_rank`` would score.  Arguments as in ``evaluate_rank``."""
+    ids = {"q_pids": q_pids, "g_pids": g_pids, "q_camids": q_camids, "g_camids": g_camids,
+           "q_clothes": q_clothes, "g_clothes": g_clothes}
+    _check(len(q_pids), len(g_pids), ids, 1, None, protocol)
+    gal = _Gallery.build(g_pids, g_camids, g_clothes, "cpu")
+    query = _Ids.build(q_pids, q_camids, q_clothes, "cpu")
+    step = max(1, _BLOCK_ELEMENTS // int(torch.unique(gal.pids, return_counts=True)[1].max()))
+    return sum(int(gal.same_pid(query.rows(slice(i, i + step)), protocol)[2].any(1).sum())
+               for i in range(0, len(query.pids), step))
+
+
+def reported_protocols(q_pids, g_pids, q_camids, g_camids, q_clothes=None, g_clothes=None) -> tuple[str, ...]:
+    """The protocols a report lists (each one's mAP and rank-1): with clothes ids of query and gallery,
+    every protocol under which some query has a true match; without clothes ids, none."""
+    if q_clothes is None or g_clothes is None:
+        return ()
+    return tuple(protocol for protocol in PROTOCOLS
+                 if count_valid_queries(q_pids, g_pids, q_camids, g_camids, q_clothes=q_clothes,
+                                        g_clothes=g_clothes, protocol=protocol))

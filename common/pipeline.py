@@ -24,9 +24,9 @@ import torch.nn.functional as F
 
 from common.config import Config, ConfigError
 from common.data.loading import check_dataset, load_dataset, test_loader
-from common.data.records import ReIDDataset
-from common.engine import resolve_device, summarize
-from common.evaluation import compute_distance, evaluate_features, evaluate_rank, extract_features
+from common.data.records import ReIDDataset, clothes_ids
+from common.engine import protocol_metrics, resolve_device
+from common.evaluation import compute_distance, evaluate_features, evaluate_rank, extract_features, reported_protocols
 from common.postprocess import aggregate_generated, flip_average, id2, k_reciprocal_rerank, load_generated_features, nfc
 from common.models.reid import build_model
 from common.report import load_checkpoint_model, write_report
@@ -48,20 +48,23 @@ class FlipInput(nn.Module):
 
 @dataclass
 class SplitFeatures:
-    """Features of one split: ``features`` (N, D) float32 L2-normalised, ``pids``/``camids`` (N,), ``paths``."""
+    """Features of one split: ``features`` (N, D) float32 L2-normalised, ``pids``/``camids`` (N,), ``paths``,
+    ``clothes`` (N,) ids or None (unknown)."""
 
     features: torch.Tensor
     pids: np.ndarray
     camids: np.ndarray
     paths: list[str]
     flipped: torch.Tensor | None = None
+    clothes: np.ndarray | None = None
 
 
 def extract_split(model: nn.Module, records, config: Config, device: torch.device, with_flip: bool) -> SplitFeatures:
     loader = test_loader(records, config)
     features, pids, camids = extract_features(model, loader, device)
     flipped = extract_features(FlipInput(model), loader, device)[0] if with_flip else None
-    return SplitFeatures(F.normalize(features, dim=1), pids, camids, [r.path for r in records], flipped)
+    return SplitFeatures(F.normalize(features, dim=1), pids, camids, [r.path for r in records], flipped,
+                         clothes_ids(records))
 
 
 def apply_step(step: str, split: SplitFeatures, config: Config) -> torch.Tensor:
@@ -79,14 +82,20 @@ def apply_step(step: str, split: SplitFeatures, config: Config) -> torch.Tensor:
 
 
 def _metrics(query: SplitFeatures, gallery: SplitFeatures, reranked: torch.Tensor | None, config: Config):
-    if reranked is not None:
-        result = evaluate_rank(reranked.cpu().numpy(), query.pids, gallery.pids, query.camids, gallery.camids)
-    else:
-        result = evaluate_features(query.features, gallery.features, query.pids, gallery.pids, query.camids,
-                                   gallery.camids, metric=config.distance)
+    """(``eval-protocol``'s result, its metrics with each protocol's mAP / rank-1 when clothes ids exist, and ID²)."""
+    ids = (query.pids, gallery.pids, query.camids, gallery.camids)
+    clothes = {"q_clothes": query.clothes, "g_clothes": gallery.clothes}
+
+    def evaluate(protocol: str) -> dict:
+        if reranked is not None:
+            return evaluate_rank(reranked.cpu().numpy(), *ids, protocol=protocol, **clothes)
+        return evaluate_features(query.features, gallery.features, *ids, metric=config.distance, protocol=protocol,
+                                 **clothes)
+
+    result, metrics = protocol_metrics(evaluate, config.eval_protocol, reported_protocols(*ids, **clothes))
     features = torch.cat([query.features, gallery.features])
     pids = np.concatenate([query.pids, gallery.pids])
-    return result, {**summarize(result), "ID2": id2(features, np.where(pids > 0, pids, -1))}
+    return result, {**metrics, "ID2": id2(features, np.where(pids > 0, pids, -1))}
 
 
 def run_pipeline(model: nn.Module, dataset: ReIDDataset, config: Config, steps: list[str], device: torch.device,
@@ -130,7 +139,7 @@ def evaluate_checkpoint(checkpoint: Path | None, overrides: Mapping[str, Any], p
     check_report_folder(report_dir, config.overwrite)
     check_post_inputs(config)
     dataset = load_dataset(config)
-    check_dataset(dataset, training=False)
+    check_dataset(dataset, training=False, protocol=config.eval_protocol)
     device = resolve_device(config.device)
     model = (load_checkpoint_model(checkpoint, config) if checkpoint else build_model(config)).to(device)
     return run_pipeline(model, dataset, config, config.post_steps, device, report_dir)

@@ -9,13 +9,24 @@ from common.evaluation import (compute_distance, evaluate_features, evaluate_ran
                                extract_features)
 
 
-def reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50):
-    """Obviously-correct loop: stable sort (ties by gallery index), drop same pid+camera."""
+def reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, q_clothes=None, g_clothes=None,
+              protocol="standard"):
+    """Obviously-correct loop: stable sort (ties by gallery index), drop same pid+camera, and under the
+    cloth-changing protocol also same pid+clothes, under same-clothes also same pid with other clothes."""
+    def dropped(i, j):
+        if g_pids[j] != q_pids[i]:
+            return False
+        if g_camids[j] == q_camids[i]:
+            return True
+        if protocol == "cloth-changing":
+            return g_clothes[j] == q_clothes[i]
+        return protocol == "same-clothes" and g_clothes[j] != q_clothes[i]
+
     max_rank = min(max_rank, distmat.shape[1])
     aps, inps, cmcs = [], [], []
     for i in range(len(q_pids)):
         order = np.argsort(distmat[i], kind="stable")
-        kept = [j for j in order if not (g_pids[j] == q_pids[i] and g_camids[j] == q_camids[i])]
+        kept = [j for j in order if not dropped(i, j)]
         hits = [g_pids[j] == q_pids[i] for j in kept]
         if not any(hits):
             continue

@@ -8,12 +8,14 @@ from torch.utils.data import DataLoader
 
 from common.config import Config, ConfigError
 from common.data.dataset import ImageDataset, PKSampler
-from common.data.readers import read_market1501, read_msmt17
-from common.data.records import ImageRecord, ReIDDataset
+from common.data.readers import read_dataset
+from common.data.records import ImageRecord, ReIDDataset, clothes_ids
 from common.data.transforms import build_transforms
+from common.evaluation import MATCH_RULES, count_valid_queries
 
 
-DATASET_FIELDS = ("dataset", "data_dir", "cache_dir", "synth_ids", "synth_cameras", "synth_seed", "synth_pose_band")
+DATASET_FIELDS = ("dataset", "data_dir", "cache_dir", "synth_ids", "synth_cameras", "synth_seed", "synth_pose_band",
+                  "synth_clothes")
 """The Config fields ``load_dataset`` reads: configs equal on these load the same dataset (a cache key)."""
 
 
@@ -29,31 +31,33 @@ def dataset_root(config: Config) -> Path:
     from common.data.synthetic import ensure_synthetic
 
     return ensure_synthetic(Path(config.cache_dir), num_ids=config.synth_ids, num_cameras=config.synth_cameras,
-                            seed=config.synth_seed, pose_band=config.synth_pose_band)
+                            seed=config.synth_seed, pose_band=config.synth_pose_band, clothes=config.synth_clothes)
 
 
 def load_dataset(config: Config) -> ReIDDataset:
-    """Records of the configured dataset (synthetic data is in Market layout)."""
-    root = dataset_root(config)
-    if config.dataset == "msmt17":
-        return read_msmt17(root)
-    return read_market1501(root, name=config.dataset)
+    """Records of the configured dataset (``common.data.readers.READERS``; synthetic data is in Market layout,
+    or in LTCC layout with clothes ids when generated with ``synth-clothes`` >= 2)."""
+    return read_dataset(config.dataset, dataset_root(config))
 
 
-def check_dataset(dataset: ReIDDataset, training: bool = True) -> None:
+def check_dataset(dataset: ReIDDataset, training: bool = True, protocol: str = "standard") -> None:
     """Fail before any training or feature extraction when ``dataset`` cannot give a result: no training images
-    (``training``), an empty query or gallery, or no query with a true match (same id, other camera)."""
+    (``training``), an empty query or gallery, no clothes ids for a cloth-changing ``protocol``, or no query with
+    a true match under ``protocol`` (standard: same id, other camera)."""
     where = f"dataset '{dataset.name}' at {dataset.root}"
     if training and not dataset.train:
         raise ValueError(f"{where} has no training images (is its training folder empty?)")
     for split in ("query", "gallery"):
         if not getattr(dataset, split):
             raise ValueError(f"{where} has no {split} images")
-    gallery_cameras: dict[int, set[int]] = {}
-    for record in dataset.gallery:
-        gallery_cameras.setdefault(record.pid, set()).add(record.camid)
-    if not any(gallery_cameras.get(record.pid, set()) - {record.camid} for record in dataset.query):
-        raise ValueError(f"{where}: no query has a true match (same id, other camera) in the gallery, so nothing "
+    q_clothes, g_clothes = clothes_ids(dataset.query), clothes_ids(dataset.gallery)
+    if protocol != "standard" and (q_clothes is None or g_clothes is None):
+        raise ConfigError(f"config key 'eval-protocol' = '{protocol}' needs clothes ids, and {where} has none "
+                          "(datasets with clothes ids: ltcc, prcc, synthetic with synth-clothes >= 2)")
+    ids = [[getattr(r, key) for r in records] for key in ("pid", "camid")
+           for records in (dataset.query, dataset.gallery)]  # q_pids, g_pids, q_camids, g_camids
+    if not count_valid_queries(*ids, q_clothes=q_clothes, g_clothes=g_clothes, protocol=protocol):
+        raise ValueError(f"{where}: no query has a true match ({MATCH_RULES[protocol]}) in the gallery, so nothing "
                          "can be evaluated")
 
 

@@ -1,10 +1,12 @@
-"""Readers for Market-1501 and MSMT17 (V1 / V2 layouts).
+"""Readers for Market-1501, MSMT17 (V1 / V2 layouts) and the cloth-changing sets LTCC and PRCC.
 
 Market-1501: Zheng et al., *Scalable Person Re-identification: A Benchmark*, ICCV 2015 (``<pid>_c<camera>s...``
 file names).  MSMT17: Wei et al., *Person Transfer GAN to Bridge Domain Gap for Person Re-Identification*,
 CVPR 2018 (``list_*.txt`` lines ``path pid``; camera = third ``_`` field of the name).
 
-Junk images (pid −1) are skipped everywhere; distractors (pid 0) are kept in the gallery only.
+Market-1501 / MSMT17: junk images (pid −1) are skipped everywhere; distractors (pid 0) are kept in the
+gallery only.  LTCC and PRCC records carry clothes ids (``ImageRecord.clothes``); their layouts and
+evaluation protocols: docs/cloth-changing.md.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from common.data.records import ImageRecord, ReIDDataset
 
 MARKET_PATTERN = re.compile(r"^(-?\d+)_c(\d+)s\d+_")  # <pid>_c<camera>s<sequence>_..., pid -1 = junk
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+LTCC_PATTERN = re.compile(r"^(\d+)_(\d+)_c(\d+)_")  # <pid>_<clothes>_c<camera>_<frame>...
+LTCC_FOLDERS = ("train", "query", "test")  # test = gallery
+PRCC_CAMERAS = ("A", "B", "C")  # camids 1, 2, 3; A and B see a person in one outfit, C in another
 
 
 def _require_dir(path: Path) -> Path:
@@ -107,3 +112,98 @@ def read_msmt17(root: str | Path, include_val: bool = True) -> ReIDDataset:
         query=_read_msmt_list(base / "list_query.txt", base / test_dir),
         gallery=_read_msmt_list(base / "list_gallery.txt", base / test_dir),
     )
+
+
+# --------------------------------------------------------------------------- cloth-changing sets
+
+
+def parse_ltcc_name(name: str) -> tuple[int, int, int]:
+    """``094_1_c9_015923.png`` → (pid 94, camera 9, clothes 1); any other name is a ValueError naming it."""
+    match = LTCC_PATTERN.match(name)
+    if match is None:
+        raise ValueError(f"not an LTCC file name (<pid>_<clothes>_c<camera>_<frame>...): {name}")
+    pid, clothes, camid = (int(group) for group in match.groups())
+    return pid, camid, clothes
+
+
+def read_ltcc_folder(folder: Path) -> list[ImageRecord]:
+    """Records of one LTCC folder with their clothes ids, sorted by file name (every pid is a person)."""
+    records = []
+    for path in sorted(_require_dir(folder).iterdir()):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        try:
+            pid, camid, clothes = parse_ltcc_name(path.name)
+        except ValueError as err:
+            raise ValueError(f"{folder}: {err}") from None
+        records.append(ImageRecord(str(path), pid, camid, clothes))
+    return records
+
+
+def read_ltcc(root: str | Path, name: str = "ltcc") -> ReIDDataset:
+    """LTCC layout (Qian et al., *Long-Term Cloth-Changing Person Re-identification*, ACCV 2020,
+    https://arxiv.org/abs/2005.12633): ``train/ query/ test/`` (test = gallery) under ``root`` or
+    ``root/LTCC_ReID``, every image named ``<pid>_<clothes>_c<camera>_<frame>.png``, the clothes number
+    being the person's outfit."""
+    root = Path(root)
+    if not (root / "train").is_dir() and (root / "LTCC_ReID").is_dir():
+        root = root / "LTCC_ReID"
+    train, query, gallery = (read_ltcc_folder(root / folder) for folder in LTCC_FOLDERS)
+    return ReIDDataset(name=name, root=root, train=train, query=query, gallery=gallery)
+
+
+def _prcc_record(path: Path, pid_dir: Path, camera: str) -> ImageRecord:
+    """The record of one PRCC image: camid 1/2/3 for A/B/C, clothes 1 in A and B, 2 in C."""
+    if camera not in PRCC_CAMERAS:
+        raise ValueError(f"PRCC image {path}: camera {camera!r} is not one of {PRCC_CAMERAS}")
+    try:
+        pid = int(pid_dir.name)
+    except ValueError:
+        raise ValueError(f"PRCC identity folder {pid_dir} is not named by a number") from None
+    return ImageRecord(str(path), pid, PRCC_CAMERAS.index(camera) + 1, 2 if camera == "C" else 1)
+
+
+def _prcc_folder(folder: Path, camera: str | None = None) -> list[ImageRecord]:
+    """Records under ``folder/<pid>/``; the camera is ``camera`` or, when None, each file name's first letter."""
+    return [_prcc_record(path, pid_dir, camera or path.name[:1])
+            for pid_dir in sorted(_require_dir(folder).iterdir()) if pid_dir.is_dir()
+            for path in sorted(pid_dir.iterdir()) if path.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def read_prcc(root: str | Path, name: str = "prcc") -> ReIDDataset:
+    """PRCC layout (Yang, Wu, Zheng, *Person Re-identification by Contour Sketch under Moderate Clothing
+    Change*, TPAMI 2021, https://arxiv.org/abs/2002.02295) under ``root`` or ``root/prcc``:
+    ``rgb/train/<pid>/`` with images named after their camera (``A_cropped_rgb001.jpg``) and
+    ``rgb/test/<A|B|C>/<pid>/``.
+
+    Train = ``rgb/train`` (``rgb/val`` is not read).  Gallery = test camera A; query = test cameras B (same
+    clothes as A) and C (other clothes) together: the ``same-clothes`` protocol then scores exactly the B
+    queries and ``cloth-changing`` exactly the C queries, each against all of A (docs/cloth-changing.md)."""
+    root = Path(root)
+    if not (root / "rgb").is_dir() and (root / "prcc" / "rgb").is_dir():
+        root = root / "prcc"
+    test = root / "rgb" / "test"
+    return ReIDDataset(name=name, root=root, train=_prcc_folder(root / "rgb" / "train"),
+                       query=_prcc_folder(test / "B", "B") + _prcc_folder(test / "C", "C"),
+                       gallery=_prcc_folder(test / "A", "A"))
+
+
+def read_synthetic(root: str | Path) -> ReIDDataset:
+    """A dataset of ``camfed synth``: LTCC layout (with clothes ids) when it was generated with several
+    outfits per identity, Market layout otherwise."""
+    root = Path(root)
+    if (root / LTCC_FOLDERS[0]).is_dir() and not (root / "bounding_box_train").is_dir():
+        return read_ltcc(root, name="synthetic")
+    return read_market1501(root, name="synthetic")
+
+
+READERS = {"market1501": read_market1501, "msmt17": read_msmt17, "ltcc": read_ltcc, "prcc": read_prcc,
+           "synthetic": read_synthetic}
+"""Dataset name (config key ``dataset``) → reader of its root folder."""
+
+
+def read_dataset(name: str, root: str | Path) -> ReIDDataset:
+    """Records of dataset ``name`` (a key of ``READERS``) at ``root``."""
+    if name not in READERS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {tuple(READERS)}")
+    return READERS[name](root)

@@ -5,6 +5,10 @@ PIL along a 3-D skeleton.  Every camera sees a narrow band of viewpoints, gait p
 and has its own lighting, colour cast, background and blur: identity must be learnt across camera
 domain shifts while a single camera offers little pose diversity (the federated-by-camera premise).
 
+With ``clothes`` >= 2 outfits per identity, a person changes clothes between cameras (one outfit per
+camera; build, skin and hair stay) and the dataset is written in LTCC layout, whose file names carry
+the clothes id (docs/cloth-changing.md); with 1 outfit (default) the output is that of earlier versions.
+
 Every random draw comes from a generator seeded by (seed, kind, pid, camera, index), so an image
 does not depend on the order of generation.
 """
@@ -27,6 +31,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from common.data.pose import NUM_KEYPOINTS, PoseTable, save_pose_file
+from common.data.readers import LTCC_FOLDERS
 
 GENERATOR_VERSION = 1
 MAX_CAMERAS = 9  # synthetic names use one camera digit, c1 … c9, as Market-1501 does
@@ -43,7 +48,7 @@ L_HIP, R_HIP, L_KNE, R_KNE, L_ANK, R_ANK = 11, 12, 13, 14, 15, 16
 NECK, HEAD, PELVIS, L_TOE, R_TOE = 17, 18, 19, 20, 21
 
 # seed-stream kinds
-_PERSON, _CAMERA, _IMAGE, _PLAN, _DISTRACTOR, _LOOKALIKE = 1, 2, 3, 4, 5, 6
+_PERSON, _CAMERA, _IMAGE, _PLAN, _DISTRACTOR, _LOOKALIKE, _OUTFIT = 1, 2, 3, 4, 5, 6, 7
 
 CLOTHES: tuple[RGB, ...] = (
     (28, 28, 32), (232, 232, 226), (128, 128, 130), (32, 42, 92), (42, 92, 182), (122, 170, 220),
@@ -142,6 +147,23 @@ def sample_person(seed: int, pid: int) -> Person:
     if pid > 1 and rng.random() < 0.3:
         return _mutate(_random_person(_rng(seed, _PERSON, pid - 1)), rng)
     return _random_person(_rng(seed, _PERSON, pid))
+
+
+CLOTHING = ("shirt", "shirt2", "pattern", "long_sleeves", "trousers", "shorts", "shoes", "hat", "bag", "bag_colour")
+"""The ``Person`` fields an outfit change redraws (build, legs, skin and hair stay)."""
+
+
+def wear_outfit(person: Person, seed: int, pid: int, outfit: int) -> Person:
+    """``person`` in outfit ``outfit`` (0 = ``person`` itself): every ``CLOTHING`` field redrawn, so that
+    it visibly differs from outfit 0."""
+    if outfit == 0:
+        return person
+    rng = _rng(seed, _OUTFIT, pid, outfit)
+    while True:
+        other = _random_person(rng)
+        dressed = replace(person, **{name: getattr(other, name) for name in CLOTHING})
+        if visible_traits(dressed) != visible_traits(person):
+            return dressed
 
 
 @lru_cache(maxsize=4096)
@@ -526,13 +548,15 @@ def render(person: Person, camera: Camera, pose: Pose, rng: np.random.Generator,
 
 @dataclass(frozen=True)
 class ImageSpec:
-    """One image to generate: ``index`` is its number within (pid, cam), or the distractor number."""
+    """One image to generate: ``index`` is its number within (pid, cam), or the distractor number;
+    ``outfit`` the identity's outfit (0-based; the file name holds ``outfit + 1`` in LTCC layout)."""
 
     folder: str
     pid: int
     cam: int
     index: int
     name: str
+    outfit: int = 0
 
     @property
     def relpath(self) -> str:
@@ -541,6 +565,22 @@ class ImageSpec:
 
 def _market_name(pid: int, cam: int, seq: int, frame: int, number: int) -> str:
     return f"{pid:04d}_c{cam}s{seq}_{frame:06d}_{number:02d}.jpg"
+
+
+def split_folders(clothes: int) -> tuple[str, str, str]:
+    """(train, query, gallery) folder names: Market layout with one outfit per identity, LTCC layout with more."""
+    return SPLIT_FOLDERS if clothes == 1 else LTCC_FOLDERS
+
+
+def _ltcc_name(pid: int, outfit: int, cam: int, frame: int) -> str:
+    return f"{pid:03d}_{outfit + 1}_c{cam}_{frame:06d}.jpg"
+
+
+def _outfit_by_camera(seed: int, pid: int, cams: list[int], clothes: int) -> dict[int, int]:
+    """{camera: outfit} of one identity: its cameras in a random order wear outfits 0, 1, …, clothes − 1, 0, …,
+    so an identity seen by k cameras wears min(k, clothes) outfits, at least two when clothes >= 2."""
+    order = _rng(seed, _OUTFIT, pid).permutation(cams)
+    return {int(cam): j % clothes for j, cam in enumerate(order)}
 
 
 def _id_plan(seed: int, pid: int, num_cameras: int, per_camera: tuple[int, int],
@@ -557,29 +597,36 @@ def _id_plan(seed: int, pid: int, num_cameras: int, per_camera: tuple[int, int],
 
 
 def plan(num_ids: int, num_cameras: int, seed: int, per_camera: tuple[int, int], query_fraction: float,
-         num_distractors: int) -> list[ImageSpec]:
-    """All images: ids 1..num_ids//2 train, the rest test (one query per query camera, rest gallery)."""
+         num_distractors: int, clothes: int = 1) -> list[ImageSpec]:
+    """All images: ids 1..num_ids//2 train, the rest test (one query per query camera, rest gallery);
+    Market layout with one outfit per identity, LTCC layout with ``clothes`` >= 2 (``_outfit_by_camera``)."""
     n_train = num_ids // 2
+    folders = split_folders(clothes)
     specs = []
     for pid in range(1, num_ids + 1):
         counts, query_cams = _id_plan(seed, pid, num_cameras, per_camera, query_fraction)
+        outfits = _outfit_by_camera(seed, pid, list(counts), clothes)
         for cam, count in counts.items():
             rng = _rng(seed, _PLAN, pid, cam)
             seq, frame = int(rng.integers(1, 7)), int(rng.integers(0, 900000))
             query_index = int(rng.integers(count)) if cam in query_cams else -1
             for i in range(count):
-                folder = SPLIT_FOLDERS[0] if pid <= n_train else SPLIT_FOLDERS[1 if i == query_index else 2]
-                specs.append(ImageSpec(folder, pid, cam, i, _market_name(pid, cam, seq, frame + 25 * i, i + 1)))
+                folder = folders[0] if pid <= n_train else folders[1 if i == query_index else 2]
+                name = (_market_name(pid, cam, seq, frame + 25 * i, i + 1) if clothes == 1
+                        else _ltcc_name(pid, outfits[cam], cam, frame + 25 * i))
+                specs.append(ImageSpec(folder, pid, cam, i, name, outfits[cam]))
     for j in range(num_distractors):
         cam = int(_rng(seed, _DISTRACTOR, j, 1).integers(1, num_cameras + 1))
-        specs.append(ImageSpec(SPLIT_FOLDERS[2], 0, cam, j, _market_name(0, cam, 1, 100 * j, 1)))
+        name = _market_name(0, cam, 1, 100 * j, 1) if clothes == 1 else _ltcc_name(0, 0, cam, 100 * j)
+        specs.append(ImageSpec(folders[2], 0, cam, j, name))
     return specs
 
 
 def render_spec(spec: ImageSpec, seed: int, num_cameras: int, height: int, width: int,
                 pose_band: float = 1.0) -> tuple[Image.Image, np.ndarray, np.ndarray]:
     """Render one planned image (see :func:`render`)."""
-    person = sample_distractor(seed, spec.index) if spec.pid == 0 else sample_person(seed, spec.pid)
+    person = (sample_distractor(seed, spec.index) if spec.pid == 0
+              else wear_outfit(sample_person(seed, spec.pid), seed, spec.pid, spec.outfit))
     camera = sample_camera(seed, spec.cam, num_cameras, pose_band)
     rng = _rng(seed, _IMAGE, spec.pid, spec.cam, spec.index)
     return render(person, camera, sample_pose(camera, rng), rng, seed, spec.cam, height, width)
@@ -590,9 +637,10 @@ def render_spec(spec: ImageSpec, seed: int, num_cameras: int, height: int, width
 
 def synthetic_params(num_ids: int = 48, num_cameras: int = 4, seed: int = 0, height: int = 128, width: int = 64,
                      images_per_id_per_camera: tuple[int, int] = (4, 8), query_fraction: float = 1.0,
-                     num_distractors: int | None = None, pose_band: float = 1.0) -> dict:
+                     num_distractors: int | None = None, pose_band: float = 1.0, clothes: int = 1) -> dict:
     """Validated generation parameters as stored in ``synthetic.json`` (distractors default num_ids//4;
-    ``pose_band``: see :func:`sample_camera`)."""
+    ``pose_band``: see :func:`sample_camera`; ``clothes``: outfits per identity, stored only when >= 2 so
+    that datasets generated before the option still match)."""
     lo, hi = (int(v) for v in images_per_id_per_camera)
     checks = (
         (2 <= num_cameras <= MAX_CAMERAS, f"num_cameras must be in 2..{MAX_CAMERAS} (synthetic names hold one "
@@ -604,6 +652,8 @@ def synthetic_params(num_ids: int = 48, num_cameras: int = 4, seed: int = 0, hei
         (0 < query_fraction <= 1, f"query_fraction must be in (0, 1], got {query_fraction}"),
         (num_distractors is None or num_distractors >= 0, f"num_distractors must be >= 0, got {num_distractors}"),
         (0 < pose_band <= 30, f"pose_band must be in (0, 30], got {pose_band}"),
+        (1 <= clothes <= num_cameras, f"clothes must be in 1..num_cameras ({num_cameras}): one outfit per camera, "
+                                      f"got {clothes}"),
     )
     for ok, message in checks:
         if not ok:
@@ -613,22 +663,23 @@ def synthetic_params(num_ids: int = 48, num_cameras: int = 4, seed: int = 0, hei
         "height": int(height), "width": int(width), "images_per_id_per_camera": [lo, hi],
         "query_fraction": float(query_fraction),
         "num_distractors": int(num_ids // 4 if num_distractors is None else num_distractors),
-        "pose_band": float(pose_band),
+        "pose_band": float(pose_band), **({"clothes": int(clothes)} if clothes > 1 else {}),
     }
 
 
 def generate_synthetic(out_dir: str | Path, num_ids: int = 48, num_cameras: int = 4, seed: int = 0,
                        height: int = 128, width: int = 64, images_per_id_per_camera: tuple[int, int] = (4, 8),
                        query_fraction: float = 1.0, num_distractors: int | None = None, progress: bool = True,
-                       overwrite: bool = False, pose_band: float = 1.0) -> Path:
-    """Write a Market-layout dataset with ``poses.npz`` and ``synthetic.json`` to ``out_dir``; return it.
+                       overwrite: bool = False, pose_band: float = 1.0, clothes: int = 1) -> Path:
+    """Write a Market-layout dataset (LTCC layout with ``clothes`` >= 2 outfits per identity) with
+    ``poses.npz`` and ``synthetic.json`` to ``out_dir``; return it.
 
     Images are generated in a temporary sibling folder that is renamed into place at the end, so an
     interrupted run never leaves a dataset that looks complete.  An existing ``out_dir`` is a
     ``FileExistsError`` unless ``overwrite``.
     """
     params = synthetic_params(num_ids, num_cameras, seed, height, width, images_per_id_per_camera,
-                              query_fraction, num_distractors, pose_band)
+                              query_fraction, num_distractors, pose_band, clothes)
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"synthetic dataset folder already exists: {out_dir}")
@@ -646,8 +697,10 @@ def generate_synthetic(out_dir: str | Path, num_ids: int = 48, num_cameras: int 
 def _write_images(root: Path, params: dict, progress: bool) -> dict:
     """Render every planned image into ``root`` and save ``poses.npz``; returns image counts."""
     specs = plan(params["num_ids"], params["num_cameras"], params["seed"],
-                 tuple(params["images_per_id_per_camera"]), params["query_fraction"], params["num_distractors"])
-    for folder in SPLIT_FOLDERS:
+                 tuple(params["images_per_id_per_camera"]), params["query_fraction"], params["num_distractors"],
+                 params.get("clothes", 1))
+    folders = split_folders(params.get("clothes", 1))
+    for folder in folders:
         (root / folder).mkdir()
     keypoints = np.zeros((len(specs), NUM_KEYPOINTS, 2), np.float32)
     scores = np.zeros((len(specs), NUM_KEYPOINTS), np.float32)
@@ -659,7 +712,7 @@ def _write_images(root: Path, params: dict, progress: bool) -> dict:
         image.save(buffer, format="JPEG", quality=quality)
         (root / spec.relpath).write_bytes(buffer.getvalue())
     save_pose_file(root / "poses.npz", PoseTable(np.array([s.relpath for s in specs]), keypoints, scores))
-    return {folder: sum(s.folder == folder for s in specs) for folder in SPLIT_FOLDERS}
+    return {folder: sum(s.folder == folder for s in specs) for folder in folders}
 
 
 def _progress(items: list, enabled: bool):

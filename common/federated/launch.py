@@ -62,7 +62,7 @@ def count_cameras(config: Config) -> int:
     """Number of training cameras (clients); generates the synthetic data once if needed.  A dataset that
     cannot train or be evaluated is an error here, before anything starts."""
     dataset = load_node_dataset(config)
-    check_dataset(dataset)
+    check_dataset(dataset, protocol=config.eval_protocol)
     return len(partition_by_camera(dataset.train))
 
 

@@ -74,7 +74,7 @@ def run_federation(grid: Grid, config: Config) -> list[dict]:
     method = get_method(config.method)
     out = Path(config.output_dir)
     checkpoint = check_run_folder(config)
-    check_dataset(load_node_dataset(config), training=False)
+    check_dataset(load_node_dataset(config), training=False, protocol=config.eval_protocol)
     check_post_inputs(config)
     shared, start, run_tag = _starting_point(checkpoint, config, method, out)
     (out / FAILURE_FILE).unlink(missing_ok=True)
