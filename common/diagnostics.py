@@ -54,6 +54,26 @@ def pose_correlations(z: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor,
     return out
 
 
+def linear_pose_r2(train_x: torch.Tensor, train_z: torch.Tensor, test_x: torch.Tensor, test_z: torch.Tensor,
+                   penalties: tuple[float, ...] = (1.0, 10.0, 100.0, 1e3, 1e4)) -> float:
+    """How much pose a feature carries linearly: R² on ``test`` of ridge regression from features (N, D) to pose
+    vectors (N, P), fitted on ``train`` (disjoint identities), best over ``penalties`` (on standardised features;
+    chosen on ``test``, so an optimistic estimate).
+
+    1 = pose is a linear function of the features, 0 = no better than the mean pose.  An upper bound of sorts for
+    PEM: channel attention re-weights F, so F⁺ cannot carry pose that F does not."""
+    mean, std = train_x.double().mean(0), train_x.double().std(0) + 1e-6
+    a, b = (train_x.double() - mean) / std, (test_x.double() - mean) / std
+    z_mean = train_z.double().mean(0)
+    gram, target = a.t() @ a, a.t() @ (train_z.double() - z_mean)
+    total = ((test_z.double() - test_z.double().mean(0)) ** 2).sum()
+    scores = []
+    for penalty in penalties:
+        weights = torch.linalg.solve(gram + penalty * torch.eye(len(gram), dtype=gram.dtype), target)
+        scores.append(1.0 - float(((b @ weights + z_mean - test_z.double()) ** 2).sum() / total))
+    return max(scores)
+
+
 def pose_spread(z: torch.Tensor, valid: torch.Tensor, pids: torch.Tensor, camids: torch.Tensor) -> dict[str, float]:
     """Std of pose cosine similarity over valid different-identity pairs: per camera (mean) and overall."""
     zn = F.normalize(z, dim=1)

@@ -118,6 +118,23 @@ def test_pose_distillation_ignores_same_identity_similarities():
     assert abs(unmasked[0] - unmasked[1]) > 1e-2
 
 
+def test_centred_pose_distillation_ignores_a_shared_offset_of_the_valid_rows():
+    torch.manual_seed(3)
+    z, plus = torch.randn(6, 34), torch.randn(6, 8)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    valid = torch.tensor([True, True, True, True, False, True])
+    offset = torch.full((1, 8), 5.0)
+    centred = pose_distillation_loss(z, plus, labels, valid, centre=True)
+    # by hand: the plain loss of F⁺ minus the mean of its valid rows
+    manual = pose_distillation_loss(z, plus - plus[valid].mean(0), labels, valid)
+    assert centred.item() == pytest.approx(manual.item(), rel=1e-6)
+    # a channel offset every image shares (what non-negative ReLU features have) changes the paper's form only
+    assert pose_distillation_loss(z, plus + offset, labels, valid, centre=True).item() == pytest.approx(
+        centred.item(), rel=1e-5)
+    assert abs(pose_distillation_loss(z, plus + offset, labels, valid).item()
+               - pose_distillation_loss(z, plus, labels, valid).item()) > 1e-2
+
+
 def test_pose_distillation_matches_a_loop_reference():
     torch.manual_seed(2)
     z, plus = torch.randn(8, 34), torch.randn(8, 16)
