@@ -90,6 +90,8 @@ def infomap_clusters(features: torch.Tensor, k: int = 15, max_distance: float = 
     n = len(x)
     if not 2 <= k <= n:
         raise ValueError(f"infomap_clusters: k={k} must be in [2, number of features = {n}]")
+    if not 0.0 < max_distance <= 1.0:  # edge weights 1 − d must be >= 0
+        raise ValueError(f"infomap_clusters: max_distance={max_distance} must be in (0, 1]")
     sqdist, idx = knn(x, k - 1)
     cosine = (sqdist / 2).clamp_(0.0, 2.0).double().numpy()
     idx = idx.numpy()

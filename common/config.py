@@ -276,7 +276,8 @@ class Config:
         if self.calr_knn < 2:
             raise ConfigError(f"config key 'calr-knn' must be >= 2 (the point itself and a neighbour), got {self.calr_knn}")
         ranges = {"calr_intra_eps": ("(0, 1): a Jaccard distance", 0.0 < self.calr_intra_eps < 1.0),
-                  "calr_max_distance": ("(0, 2]: a cosine distance", 0.0 < self.calr_max_distance <= 2.0),
+                  "calr_max_distance": ("(0, 1]: a cosine distance whose similarity 1 − d weights the edge",
+                                        0.0 < self.calr_max_distance <= 1.0),
                   "calr_memory_momentum": ("[0, 1)", 0.0 <= self.calr_memory_momentum < 1.0)}
         for name, (text, ok) in ranges.items():
             if not ok:

@@ -66,6 +66,8 @@ def test_bad_calr_keys_name_the_key():
         load_config({"calr-intra-eps": 1.5})
     with pytest.raises(ConfigError, match="calr-refine-schedule"):
         load_config({"calr-refine-schedule": "linear"})
+    with pytest.raises(ConfigError, match="calr-max-distance"):  # Infomap needs edge weights 1 − d >= 0
+        load_config({"calr-max-distance": 1.5})
 
 
 def _shuffled_identities(dataset):
@@ -201,7 +203,7 @@ def test_centroid_download_maps_a_camera_s_previous_clusters(tiny_run_config):
 def test_calr_federation_sharing_centroids_trains_across_cameras(tiny_run_config):
     """Two rounds of federated CALR: round 1 uploads centroids, the server clusters them across cameras, round 2
     trains against them.  Every reply holds the shared weights, scalars and the declared centroids, nothing
-    else.  (The tiny untrained features are far apart: every kNN edge is kept so that centroids can merge.)"""
+    else.  (The tiny features are far apart: every kNN edge of similarity >= 0 is kept so that centroids merge.)"""
     from test_privacy import assert_only_shared_weights_and_scalars
 
     from client.app import app as client_app
@@ -210,7 +212,7 @@ def test_calr_federation_sharing_centroids_trains_across_cameras(tiny_run_config
     from common.methods import get_method
 
     run_config = {**tiny_run_config, "method": "calr", "calr-share-centroids": True, "num-server-rounds": 2,
-                  "calr-max-distance": 2.0}
+                  "calr-max-distance": 1.0}
     config = load_config(run_config)
     shared, replies = get_method("calr").initial_shared_state(config), []
 
@@ -241,11 +243,11 @@ def test_calr_sharing_centroids_with_real_processes(tiny_run_config, tmp_path):
     from common.config import write_run_config
     from common.federated.launch import flwr_run, run_status
 
-    values = {**tiny_run_config, "method": "calr", "calr-share-centroids": True, "calr-max-distance": 2.0,
+    values = {**tiny_run_config, "method": "calr", "calr-share-centroids": True, "calr-max-distance": 1.0,
               "min-available-clients": CAMERAS, "min-train-clients": CAMERAS}
     with deployment(tmp_path) as (flwr_home, _, _, _):
         run_id, output = flwr_run(ROOT, flwr_home, str(write_run_config(tmp_path / "run.toml", values)),
-                                  timeout=300, echo=False)
+                                  timeout=600, echo=False)
         assert run_id is not None, output
         assert run_status(flwr_home, run_id) == "finished:completed", output[-3000:]
     out = Path(values["output-dir"])
