@@ -97,7 +97,7 @@ class CALR(Method):
         camids = np.concatenate([np.full(len(upload[CENTROIDS]), camid) for camid, upload in uploads]
                                 ) if uploads else np.zeros(0, dtype=np.int64)
         labels, dropped = cross_camera_clusters(centres, camids, server_round, config)
-        download = {CROSS_CENTROIDS: centroids(centres, labels) if len(centres) else torch.zeros(0, 0),
+        download = {CROSS_CENTROIDS: centroids(centres, labels),
                     CENTROID_CAMERA: torch.from_numpy(camids.astype(np.int64)),
                     CENTROID_CLUSTER: torch.from_numpy(labels)}
         merged = labels >= 0
