@@ -14,7 +14,8 @@ from flwr.app import Message
 from camfed.inprocess import InProcessGrid
 from client.app import app as client_app
 from common.config import Config, ConfigError, load_config
-from common.federated.arrays import arrays_to_state, conformity_error, signature, state_to_arrays, weighted_average
+from common.federated.aggregation import weighted_average
+from common.federated.arrays import arrays_to_state, conformity_error, signature, state_to_arrays
 from common.federated.client import node_settings, round_seed
 from common.federated.data import camera_partition, load_node_dataset
 from common.federated.history import idle_rounds

@@ -3,7 +3,9 @@
 Everything in the reply is checked here before it leaves the node: the shared weights must have
 exactly the keys, shapes and dtypes of the global weights that arrived, metrics are scalars, and a
 method's extra ``upload`` arrays (none for most methods) have exactly the names it declares.
-The classifier and any other private state go to the camera's state directory instead.
+The classifier and any other private state go to the camera's state directory instead.  With
+``dp-clip-norm`` the update is clipped and noised here (``common.federated.privacy``); the shared weights
+travel in ``transport-dtype`` both ways and are trained in float32.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from common.config import Config, ConfigError, load_config
 from common.engine import derived_seed, resolve_device
 from common.federated.arrays import arrays_to_state, conformity_error, signature, state_to_arrays
 from common.federated.data import camera_partition, load_node_dataset, with_absolute_paths
+from common.federated.privacy import privatize
 from common.federated.state import PrivateStateStore, state_dir
 from common.methods import LocalJob, get_method
 
@@ -63,7 +66,7 @@ def train(message: Message, context: Context) -> Message:
     dataset = load_node_dataset(config)
     partition = camera_partition(dataset, partition_id, num_partitions)
     store = PrivateStateStore(state_dir(config, partition.camid))
-    shared_in = arrays_to_state(message.content[ARRAYS])
+    shared_in = arrays_to_state(message.content[ARRAYS], widen=True)  # trained in float32 whatever the transport
     job = LocalJob(config=config, partition=partition, shared=shared_in,
                    private=store.load(run_tag, before_round=server_round), server_round=server_round,
                    lr=float(round_config["lr"]), seed=round_seed(config.seed, server_round, partition.camid),
@@ -85,7 +88,8 @@ def train(message: Message, context: Context) -> Message:
     metrics = MetricRecord({**{k: float(v) for k, v in result.metrics.items()},
                             "local-seconds": local_seconds, "num-examples": int(result.num_examples),
                             "camera": int(partition.camid)})
-    content = RecordDict({ARRAYS: state_to_arrays(result.shared), METRICS: metrics})
+    shared_out = state_to_arrays(privatize(shared_in, result.shared, config), config.transport_dtype)
+    content = RecordDict({ARRAYS: shared_out, METRICS: metrics})
     if result.upload:
         content[UPLOAD] = state_to_arrays(result.upload)
     return Message(content, reply_to=message)

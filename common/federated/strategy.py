@@ -15,7 +15,10 @@ until all arrived or ``round-timeout`` expires → ``screen`` them → ``average
   ``Failure``, logged with its reason; ``recurring`` failures (the ClientApp raised or replied with
   unusable weights: the same message fails the same way again) are told apart from transient ones
   (node unavailable, ClientApp crashed, no reply in time).
-- **Averaging**: sample-weighted, in float64, in camera order, integer buffers stay integers; a round
+- **Transport**: the global weights go out and replies must come back in ``transport-dtype``
+  (``common.federated.arrays``); a reply in another dtype is rejected.  Replies are widened to float32.
+- **Averaging**: by ``aggregation`` (``common.federated.aggregation``: sample-weighted mean, median or
+  trimmed mean), in float64, in camera order, stored in float32, integer buffers stay integers; a round
   with fewer than ``min-train-clients`` usable replies leaves the global weights unchanged.
 """
 
@@ -33,8 +36,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from common.config import Config
-from common.federated.arrays import (StateDict, arrays_to_state, conformity_error, signature, state_to_arrays,
-                                     weighted_average)
+from common.federated.aggregation import aggregate, trimmed_count
+from common.federated.arrays import StateDict, arrays_to_state, conformity_error, signature, state_to_arrays, widened
 from common.federated.client import ARRAYS, CONFIG, METRICS, PARTITION_KEY
 
 LOG = logging.getLogger("flwr.camfed")
@@ -79,13 +82,15 @@ class Screening:
 
 
 class CameraFedAvg(Strategy):
-    """Sample-weighted averaging of the shared state ``template``'s keys over the cameras that replied."""
+    """Aggregation (``aggregation``) of the shared state ``template``'s keys over the cameras that replied."""
 
     def __init__(self, config: Config, template: StateDict, poll_interval: float = 1.0):
         self.seed, self.fraction_train = config.seed, config.fraction_train
         self.min_train_nodes, self.min_available_nodes = config.min_train_clients, config.min_available_clients
         self.timeout = config.round_timeout or None  # seconds; None: wait for every reply
-        self.expected = signature(template)
+        self.transport, self.aggregation, self.trim_fraction = (config.transport_dtype, config.aggregation,
+                                                                config.trim_fraction)
+        self.expected = signature(template, self.transport)  # what a reply's arrays hold on the wire
         self.poll_interval = poll_interval
         self.partitions: dict[int, int] = {}  # node id → partition-id (asked when sampling needs it)
         self.cameras: dict[int, int] = {}  # node id → camera id (from its replies), to name failures
@@ -132,8 +137,11 @@ class CameraFedAvg(Strategy):
     # ------------------------------------------------------------------------------ messages, replies
     def train_messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                        node_ids: Iterable[int]) -> list[Message]:
-        """One ``train`` message per node: the global ``arrays`` and ``config`` (plus ``server-round``)."""
+        """One ``train`` message per node: the global ``arrays`` (in ``transport-dtype``) and ``config`` (plus
+        ``server-round``)."""
         config["server-round"] = server_round
+        if self.transport != "float32":
+            arrays = state_to_arrays(arrays_to_state(arrays), self.transport)
         record = RecordDict({ARRAYS: arrays, CONFIG: config})
         return [Message(record, node, MessageType.TRAIN, ttl=self.timeout, group_id=str(server_round))
                 for node in node_ids]
@@ -187,7 +195,7 @@ class CameraFedAvg(Strategy):
         return Screening(usable, failures)
 
     def decode(self, message: Message) -> tuple[StateDict, str]:
-        """(shared state, "") of a conforming reply, else ({} or the state, what is wrong with it)."""
+        """(shared state widened to float32, "") of a conforming reply, else ({} or the state, what is wrong)."""
         content = message.content
         if ARRAYS not in content.array_records or METRICS not in content.metric_records:
             return {}, f"expected records '{ARRAYS}' and '{METRICS}', got {sorted(content.keys())}"
@@ -196,9 +204,10 @@ class CameraFedAvg(Strategy):
             return {}, f"'{WEIGHT_KEY}' must be a positive number, got {weight!r}"
         try:
             state = arrays_to_state(content[ARRAYS])
-        except (TypeError, ValueError) as err:
+        except (TypeError, ValueError, RuntimeError) as err:
             return {}, f"arrays cannot be read: {err}"
         problem = conformity_error(state, self.expected)
+        state = widened(state)
         if not problem:
             problem = next((f"'{k}' holds non-finite values" for k, v in state.items()
                             if v.is_floating_point() and not bool(torch.isfinite(v).all())), "")
@@ -213,7 +222,7 @@ class CameraFedAvg(Strategy):
     # -------------------------------------------------------------------------------------- average
     def average(self, server_round: int,
                 usable: list[tuple[Message, StateDict]]) -> tuple[ArrayRecord | None, MetricRecord]:
-        """(averaged arrays, weighted-mean metrics + ``clients``); (None, metrics) if too few replied."""
+        """(aggregated arrays in float32, weighted-mean metrics + ``clients``); (None, metrics) if too few replied."""
         if not usable or len(usable) < self.min_train_nodes:
             LOG.warning("round %d: %d usable replies < min-train-clients (%d); global weights unchanged",
                         server_round, len(usable), self.min_train_nodes)
@@ -221,7 +230,11 @@ class CameraFedAvg(Strategy):
         weights = [float(m.content[METRICS][WEIGHT_KEY]) for m, _ in usable]
         metrics = weighted_metrics([m.content[METRICS] for m, _ in usable], weights)
         metrics["clients"] = len(usable)
-        return state_to_arrays(weighted_average([s for _, s in usable], weights)), MetricRecord(metrics)
+        if self.aggregation == "trimmed-mean" and trimmed_count(len(usable), self.trim_fraction) == 0:
+            LOG.warning("round %d: trim-fraction %g of %d cameras trims none: a plain (unweighted) mean",
+                        server_round, self.trim_fraction, len(usable))
+        state = aggregate([s for _, s in usable], weights, self.aggregation, self.trim_fraction)
+        return state_to_arrays(state), MetricRecord(metrics)
 
     # ----------------------------------------------------- flwr.serverapp.strategy.Strategy interface
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -242,8 +255,9 @@ class CameraFedAvg(Strategy):
 
     def summary(self) -> None:
         LOG.info("CameraFedAvg: fraction-train %g, min-train-clients %d, min-available-clients %d, "
-                 "round-timeout %s", self.fraction_train, self.min_train_nodes, self.min_available_nodes,
-                 f"{self.timeout:g} s" if self.timeout else "none")
+                 "round-timeout %s, aggregation %s, transport %s", self.fraction_train, self.min_train_nodes,
+                 self.min_available_nodes, f"{self.timeout:g} s" if self.timeout else "none", self.aggregation,
+                 self.transport)
 
 
 def sample_score(seed: int, server_round: int, partition_id: int) -> int:
