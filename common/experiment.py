@@ -53,6 +53,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "fire2-far": {"method": "fire2", "fire2-ffm": False},
     "fire2": {"method": "fire2"},
     "pem-far": {"method": "pem", "pem-variant": "full", "fire2-far-with-pem": True},
+    # FedAvg with the shared weights on the wire in 16 bits (docs/federation.md, Thin links)
+    "fedavg-fp16": {"method": "fedavg", "transport-dtype": "float16"},
+    "fedavg-bf16": {"method": "fedavg", "transport-dtype": "bfloat16"},
 }
 REFERENCE = "fedavg"
 METRICS = ("mAP", "rank1", "mINP")
