@@ -129,7 +129,8 @@ def _train_round(grid: Grid, strategy: CameraFedAvg, arrays: ArrayRecord, server
     new_arrays, metrics = strategy.average(server_round, screening.usable)
     record = {"round": server_round, "lr": lr, "sampled": len(messages), **dict(metrics),
               "failed": len(messages) - len(screening.usable), "aggregated": new_arrays is not None,
-              "bytes_down_per_client": arrays.count_bytes() + extra.count_bytes(),
+              "bytes_down_per_client": (messages[0].content[ARRAYS].count_bytes() if messages else 0)
+              + extra.count_bytes(),
               "bytes_up": sum(r.content[ARRAYS].count_bytes() for r in replies.values()
                               if r.has_content() and ARRAYS in r.content.array_records),
               "seconds": round(time.monotonic() - began, 3)}
