@@ -3,6 +3,7 @@
 Cases (each in a fresh subprocess so ru_maxrss is its own):
   market       evaluate_rank on a random float32 (3368, 15913) matrix, 751 ids, 6 cams,
                2793 distractors (pid 0)
+  market-cc    the same under the cloth-changing protocol, random clothes ids 1..3 per image
   msmt         evaluate_rank on a random float32 (11659, 82161) matrix, 3060 ids, 15 cams
   msmt-feat    evaluate_features (cosine) on random 2048-d float32 features at MSMT17 size
 Data generation is excluded from ``seconds`` (wall) and ``cpu_seconds`` (process CPU time,
@@ -31,6 +32,7 @@ from common.evaluation import evaluate_features, evaluate_rank  # noqa: E402
 
 SIZES = {  # n_query, n_gallery, ids, cameras, distractors
     "market": (3368, 15913, 751, 6, 2793),
+    "market-cc": (3368, 15913, 751, 6, 2793),
     "msmt": (11659, 82161, 3060, 15, 0),
     "msmt-feat": (11659, 82161, 3060, 15, 0),
 }
@@ -63,7 +65,9 @@ def run_case(case: str, threads: int) -> dict:
     else:
         dist = rng.random((n_query, n_gallery), dtype=np.float32)
         input_gib = dist.nbytes / GIB
-        run = lambda: evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids)  # noqa: E731
+        clothes = {"q_clothes": rng.integers(1, 4, n_query), "g_clothes": rng.integers(1, 4, n_gallery),
+                   "protocol": "cloth-changing"} if case == "market-cc" else {}
+        run = lambda: evaluate_rank(dist, q_pids, g_pids, q_camids, g_camids, **clothes)  # noqa: E731
     rss_before = _max_rss_gib()
     start, cpu_start = time.perf_counter(), time.process_time()
     out = run()
