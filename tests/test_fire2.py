@@ -13,7 +13,7 @@ from common.config import ConfigError, load_config
 from common.data.loading import load_dataset
 from common.data.partition import partition_by_camera
 from common.engine import resolve_device
-from common.fire2 import (attribute_aware_loss, attribute_soft_target, far_partners, mine_fine_ids, recompose)
+from common.fire2 import attribute_aware_loss, attribute_soft_target, far_partners, mine_fine_ids, recompose
 from common.methods import get_method
 from common.methods.base import LocalJob
 from common.models.fire2 import FineGrainedClassifier
@@ -140,7 +140,8 @@ def test_federated_round_keeps_fine_ids_and_far_head_on_the_camera(tiny_run_conf
     assert second.metrics["fire2_fine_ids"] >= _job(config, shared).partition.num_ids
     assert set(second.shared) == set(shared) and set(second.private) == {"classifier", "far-head"}
     # the FAR head came back from round 1's private state and trained on
-    assert not torch.equal(second.private["far-head"]["classifier.weight"], first.private["far-head"]["classifier.weight"])
+    key = "classifier.weight"
+    assert not torch.equal(second.private["far-head"][key], first.private["far-head"][key])
 
 
 def test_two_round_fire2_federation_on_synthetic_cameras(tiny_run_config):
