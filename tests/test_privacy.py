@@ -28,6 +28,7 @@ ALLOWED_METRICS |= {"seconds_local", "moon"}  # seconds of the local training st
 # PEM: its two losses, their gradient ratio, the attention's spread, the seconds of stages 1 and 2
 ALLOWED_METRICS |= {"pem_pose", "pem_cycle", "pem_grad_ratio", "pem_attention_std", "pem_attention_image_std",
                     "seconds_expert", "seconds_pem_maps", "seconds_pem"}
+ALLOWED_METRICS |= {"ffm", "far", "fire2_fine_ids"}  # FIRe²: its two losses, the camera's number of fine-grained ids
 
 
 def assert_only_shared_weights_and_scalars(reply: Message, shared: dict[str, torch.Tensor],
@@ -113,6 +114,23 @@ def test_calr_reply_holds_only_shared_weights_and_cluster_counts(tiny_run_config
     assert centres.shape == (reply.content["metrics"]["calr_clusters"], shared["bottleneck.weight"].shape[0])
     assert torch.allclose(centres.norm(dim=1), torch.ones(len(centres)), atol=1e-5)
     assert set(private) == {"labels"} and private["labels"].max() + 1 == len(centres)
+
+
+def test_fire2_reply_holds_only_shared_weights_and_scalars(tiny_run_config):
+    """Federated FIRe² (active from its first round): fine-grained ids, their centres and classifier never leave
+    the camera nor stay in its state; the identity classifier and FAR's head stay on it."""
+    run_config = {**tiny_run_config, "method": "fire2", "fire2-start-epoch": 0}
+    config = load_config(run_config)
+    InProcessGrid(client_app, 3, run_config)
+    shared = get_method("fire2").initial_shared_state(config)
+    context = Context(run_id=1, node_id=1001, node_config={"partition-id": 0, "num-partitions": 3},
+                      state=RecordDict(), run_config=run_config)
+    reply = client_app(_train_message(shared), context)
+    assert_only_shared_weights_and_scalars(reply, shared)
+    assert {"ffm", "far", "fire2_fine_ids"} <= set(reply.content["metrics"])
+    partition = camera_partition(load_node_dataset(config), 0, 3)
+    private = PrivateStateStore(state_dir(config, partition.camid)).load("0123abcd", before_round=2)
+    assert set(private) == {"classifier", "far-head"}
 
 
 def test_query_reply_holds_only_the_partition_id(tiny_run_config):
