@@ -24,7 +24,9 @@
 # CAMFED_BUILD_CA (a PEM file the build trusts, for a TLS-inspecting proxy; default: the locally added CAs
 # in /usr/local/share/ca-certificates/, "none" for none), CAMFED_DEBIAN_MIRROR, CAMFED_SMOKE_TIMEOUT
 # (seconds for the 2-round run, default 1800), CAMFED_SMOKE_NICE (niceness of the build, debootstrap and
-# data generation, default 19; on a machine busy with other work 19 can starve them for many minutes).
+# data generation, default 19; on a machine busy with other work 19 can starve them for many minutes),
+# CAMFED_SMOKE_CPU_SHARES (CPU weight of the federation's containers together, as root with the cgroupfs
+# driver: default 1024 per container, i.e. each weighs like a host process at nice 0; 0 keeps Docker's).
 # Phase times are printed as "smoke-time PHASE SECONDS".
 set -euo pipefail
 
@@ -39,6 +41,8 @@ NICE=(nice -n "${CAMFED_SMOKE_NICE:-19}")
 PROJECT="camfed-smoke-$$"
 STARTED_DOCKERD=""
 WORK=""
+COMPOSE_FILES=()
+CGROUP_PARENT=""
 FAILED=0
 T0=$SECONDS
 
@@ -53,14 +57,17 @@ phase_time() { echo "smoke-time $1 $2"; }
 teardown() {
     local code=$?
     set +e
-    if [ -n "$WORK" ] && [ -n "${COMPOSE_CMD:-}" ] && [ -f "$WORK/compose.yml" ]; then
+    if [ -n "$WORK" ] && [ -n "${COMPOSE_CMD:-}" ] && [ ${#COMPOSE_FILES[@]} -gt 0 ]; then
         log "teardown: compose project $PROJECT"
-        "${COMPOSE_CMD[@]}" -p "$PROJECT" -f "$WORK/compose.yml" logs --no-color > "$WORK/compose.log" 2>&1
-        timeout 180 "${COMPOSE_CMD[@]}" -p "$PROJECT" -f "$WORK/compose.yml" down --volumes --remove-orphans \
+        "${COMPOSE_CMD[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" logs --no-color > "$WORK/compose.log" 2>&1
+        timeout 180 "${COMPOSE_CMD[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" down --volumes --remove-orphans \
             --timeout 20 >&2
         left="$(docker ps -aq --filter "label=com.docker.compose.project=$PROJECT")"
         [ -z "$left" ] || { log "teardown: containers left: $left"; code=1; }
         if [ "$code" != 0 ]; then tail -n 60 "$WORK/compose.log" >&2; fi
+    fi
+    if [ -n "$CGROUP_PARENT" ]; then  # the project's parent cgroup, in every hierarchy the engine made it in
+        for d in /sys/fs/cgroup/*"$CGROUP_PARENT" "/sys/fs/cgroup$CGROUP_PARENT"; do [ ! -d "$d" ] || rmdir "$d"; done
     fi
     if [ -n "$STARTED_DOCKERD" ]; then
         log "teardown: stopping the dockerd this script started (pid $STARTED_DOCKERD)"
@@ -84,6 +91,32 @@ trap 'exit 130' INT TERM
     || die "$PY lacks flwr/camfed/PyYAML: run scripts/setup.sh or set CAMFED_PYTHON"
 FLWR="$(dirname "$PY")/flwr"
 [ -x "$FLWR" ] || FLWR="$(command -v flwr)" || die "no flwr CLI next to $PY"
+cpu_weight() {  # cpu_weight OVERRIDE_FILE: run the project's containers in a parent cgroup with a CPU weight
+    # flwr 1.41 gives an executor 30 s (HEARTBEAT_DEFAULT_INTERVAL, fixed) from claiming a task until the
+    # flwr-serverapp/flwr-clientapp process it starts makes its first Runtime call, else the task token lapses
+    # (401 "Runtime task-token authentication failed") and the task is claimed again.  That process first
+    # imports flwr: ~4 CPU seconds.  Docker's cgroup weighs all containers together like one host process, so on a
+    # busy host they miss the window.  Here they weigh CAMFED_SMOKE_CPU_SHARES (default 1024 per container).
+    local services shares driver version
+    mapfile -t services < <("${COMPOSE_CMD[@]}" "${COMPOSE_FILES[@]}" config --services)
+    shares="${CAMFED_SMOKE_CPU_SHARES:-$((1024 * ${#services[@]}))}"
+    read -r driver version <<< "$(docker info -f '{{.CgroupDriver}} {{.CgroupVersion}}')"
+    if [ "$shares" = 0 ] || [ "$(id -u)" != 0 ] || [ "$driver" != cgroupfs ]; then
+        log "containers keep Docker's CPU weight (CAMFED_SMOKE_CPU_SHARES=$shares, uid $(id -u), cgroup driver $driver)"
+        return 0
+    fi
+    CGROUP_PARENT="/$PROJECT"
+    if [ "$version" = 2 ]; then  # cpu.weight 1..10000 from shares 2..262144, as runc converts them
+        mkdir "/sys/fs/cgroup$CGROUP_PARENT" && echo $((1 + (shares - 2) * 9999 / 262142)) \
+            > "/sys/fs/cgroup$CGROUP_PARENT/cpu.weight"
+    else
+        mkdir "/sys/fs/cgroup/cpu$CGROUP_PARENT" && echo "$shares" > "/sys/fs/cgroup/cpu$CGROUP_PARENT/cpu.shares"
+    fi || die "cannot give cgroup $CGROUP_PARENT a CPU weight (CAMFED_SMOKE_CPU_SHARES=0 skips this)"
+    { echo "services:"; printf '  %s:\n    cgroup_parent: %s\n' \
+        $(for s in "${services[@]}"; do echo "$s $CGROUP_PARENT"; done); } > "$1"
+    COMPOSE_FILES+=(-f "$1")
+    log "containers in cgroup $CGROUP_PARENT, CPU shares $shares (cgroup v$version)"
+}
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # ------------------------------------------------------------------ 1. engine
@@ -179,9 +212,11 @@ for c in "${cameras[@]}"; do mkdir -p "$WORK/state/$c"; done
 [ "$(id -u)" != 0 ] || chown -R "$CUID:$CGID" "$WORK/secrets" "$WORK/state" "$WORK/outputs"
 "$PY" "$REPO/deploy/make_compose.py" --dataset synthetic --cameras "$CAMERAS" --cpu --run-dir "$WORK" \
     --uid "$CUID" --gid "$CGID" --cpu-threads 1 --out "$WORK/compose.yml"
+COMPOSE_FILES=(-f "$WORK/compose.yml")
+cpu_weight "$WORK/cpu-weight.yml"
 CONTROL_PORT="$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
 export CAMFED_IMAGE="$IMAGE" CAMFED_CONTROL_PORT="$CONTROL_PORT" CAMFED_BASE_IMAGE="$BASE"
-compose() { timeout 300 "${COMPOSE_CMD[@]}" -p "$PROJECT" -f "$WORK/compose.yml" "$@"; }
+compose() { timeout 300 "${COMPOSE_CMD[@]}" -p "$PROJECT" "${COMPOSE_FILES[@]}" "$@"; }
 compose config -q || die "the generated compose file does not validate"
 log "compose up: project $PROJECT, operator port 127.0.0.1:$CONTROL_PORT"
 compose up -d --no-build --pull never >&2 || die "compose up failed"
