@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_run_config
 from flwr.app import Array, Message, MetricRecord, RecordDict
 from test_federation_deployment import CAMERAS, deployment, kill_now, supernode, wait_for_nodes
 
@@ -28,6 +27,7 @@ from common.config import load_config
 from common.federated.launch import descendants, flwr_run, run_failure, run_status, tool_env
 from common.federated.server import CHECKPOINT, FAILURE_FILE, FederationFailed, run_federation
 from common.federated.strategy import APP_FAILURE_CODES
+from conftest import write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOW_TIMEOUT = 2400  # seconds: the real-process tests wait up to 25 min for rounds on a loaded 2-core machine
