@@ -32,14 +32,31 @@ from common.clustering import cluster_quality, cluster_stats, dbscan, infomap_cl
 from common.config import Config
 from common.data.loading import check_dataset, load_dataset, test_loader, train_loader
 from common.data.records import ImageRecord
-from common.engine import (append_jsonl, atomic_save, derived_seed, evaluate_model, learning_rate, make_optimizer,
-                           resolve_device, seed_everything, set_lr, write_config_snapshot)
+from common.engine import (
+    append_jsonl,
+    atomic_save,
+    derived_seed,
+    evaluate_model,
+    learning_rate,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    set_lr,
+    write_config_snapshot,
+)
 from common.evaluation import extract_features
 from common.models.calr import CALRModel, CameraClassifier, build_calr_model
 from common.models.cluster_memory import ClusterMemory
 from common.progress import StepProgress
-from common.rundir import (CHECKPOINT, METRICS_FILE, evaluation_missing, is_evaluation_step, keep_records_up_to,
-                           load_weights, open_run)
+from common.rundir import (
+    CHECKPOINT,
+    METRICS_FILE,
+    evaluation_missing,
+    is_evaluation_step,
+    keep_records_up_to,
+    load_weights,
+    open_run,
+)
 
 CLUSTERING_FILE = "clustering.jsonl"
 

@@ -88,7 +88,8 @@ def test_centralized_calr_never_reads_identity_labels(tiny_run_config, tmp_path,
     for name in ("plain", "shuffled"):
         if name == "shuffled":
             original = calr.load_dataset
-            monkeypatch.setattr(calr, "load_dataset", lambda config: _shuffled_identities(original(config)))
+            monkeypatch.setattr(calr, "load_dataset",
+                                lambda config, original=original: _shuffled_identities(original(config)))
         out = tmp_path / name
         records = train_centralized(load_config({**tiny_run_config, **TINY_CALR, "output-dir": str(out)}))
         assert [r["epoch"] for r in records] == [1, 2] and all(0 <= r["mAP"] <= 1 for r in records)
@@ -179,8 +180,13 @@ def test_cross_camera_clusters_of_centroids_by_hand(tiny_config):
 
 
 def test_centroid_download_maps_a_camera_s_previous_clusters(tiny_run_config):
-    from common.methods.calr import (CENTROID_CAMERA, CENTROID_CLUSTER, CROSS_CENTROIDS, LOCAL_LABELS,
-                                     cross_camera_targets)
+    from common.methods.calr import (
+        CENTROID_CAMERA,
+        CENTROID_CLUSTER,
+        CROSS_CENTROIDS,
+        LOCAL_LABELS,
+        cross_camera_targets,
+    )
 
     config = load_config({**tiny_run_config, "method": "calr", "calr-share-centroids": True})
     download = {CROSS_CENTROIDS: _unit([1.0, 0.0], [0.0, 1.0]), CENTROID_CAMERA: torch.tensor([1, 1, 2, 2, 2]),
@@ -206,8 +212,8 @@ def test_calr_federation_sharing_centroids_trains_across_cameras(tiny_run_config
     else.  (The tiny features are far apart: every kNN edge of similarity >= 0 is kept so that centroids merge.)"""
     from test_privacy import assert_only_shared_weights_and_scalars
 
-    from client.app import app as client_app
     from camfed.inprocess import InProcessGrid
+    from client.app import app as client_app
     from common.federated.server import run_federation
     from common.methods import get_method
 

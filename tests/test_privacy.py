@@ -12,11 +12,11 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 
+from camfed.inprocess import InProcessGrid
 from client.app import app as client_app
 from common.config import load_config
 from common.federated.arrays import state_to_arrays
 from common.federated.data import camera_partition, load_node_dataset
-from camfed.inprocess import InProcessGrid
 from common.federated.server import run_federation
 from common.federated.state import PrivateStateStore, state_dir
 from common.methods import get_method

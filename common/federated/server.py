@@ -4,8 +4,9 @@ Per round: sample cameras → send the global shared weights and the round confi
 run-tag) → average the replies (``CameraFedAvg``) → combine the method's declared uploads, if any, into what
 goes to every camera next round (``Method.combine_uploads``; not checkpointed) → append ``rounds.jsonl``
 → every ``eval-every`` rounds and at the last one evaluate the global model on the test split
-(``metrics.jsonl``, plot) → checkpoint ``{"round", "model", "config", "method", "run-tag"}`` atomically.  A round that averaged
-nothing because the clients' errors recur every round stops the run (``failure.json``, ``FederationFailed``).
+(``metrics.jsonl``, plot) → checkpoint ``{"round", "model", "config", "method", "run-tag"}`` atomically.
+A round that averaged nothing because the clients' errors recur every round stops the run (``failure.json``,
+``FederationFailed``).
 """
 
 from __future__ import annotations
@@ -20,10 +21,17 @@ from flwr.app import ArrayRecord, ConfigRecord
 from flwr.serverapp import Grid
 
 from common.config import Config, ConfigError
-from common.data.records import ReIDDataset
 from common.data.loading import check_dataset
-from common.engine import (append_jsonl, atomic_save, evaluate_model, learning_rate, lr_schedule_lines,
-                           resolve_device, write_config_snapshot)
+from common.data.records import ReIDDataset
+from common.engine import (
+    append_jsonl,
+    atomic_save,
+    evaluate_model,
+    learning_rate,
+    lr_schedule_lines,
+    resolve_device,
+    write_config_snapshot,
+)
 from common.federated.arrays import StateDict, arrays_to_state, conformity_error, signature, state_to_arrays
 from common.federated.client import ARRAYS, DOWNLOAD, METRICS, UPLOAD
 from common.federated.data import load_node_dataset, with_absolute_paths
@@ -32,8 +40,15 @@ from common.federated.strategy import CameraFedAvg, Screening
 from common.methods import Method, get_method
 from common.pipeline import check_post_inputs
 from common.progress import StepProgress
-from common.rundir import (CHECKPOINT, METRICS_FILE, PLOT_FILE, ROUNDS_FILE, check_run_folder, keep_records_up_to,
-                           replace_old_run)
+from common.rundir import (
+    CHECKPOINT,
+    METRICS_FILE,
+    PLOT_FILE,
+    ROUNDS_FILE,
+    check_run_folder,
+    keep_records_up_to,
+    replace_old_run,
+)
 
 LOG = logging.getLogger("flwr.camfed")
 FAILURE_FILE = "failure.json"  # written when the run stops because no camera can train

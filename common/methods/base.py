@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-import torch.nn as nn
 
 from common.config import Config
 from common.data.partition import CameraPartition

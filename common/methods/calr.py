@@ -31,8 +31,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from common.calr import (CrossCameraTargets, clustering_epoch, drop_probability, embed_all, intra_camera_labels,
-                         refine, unlabeled)
+from common.calr import (
+    CrossCameraTargets,
+    clustering_epoch,
+    drop_probability,
+    embed_all,
+    intra_camera_labels,
+    refine,
+    unlabeled,
+)
 from common.clustering import centroids, cluster_stats, infomap_clusters, relabel
 from common.config import Config
 from common.engine import derived_seed, make_optimizer, seed_everything, set_lr
