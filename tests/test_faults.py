@@ -188,7 +188,7 @@ def test_a_hanging_clientapp_is_cut_off_by_the_round_timeout(tiny_run_config, tm
     """Camera 3's ClientApp is stopped (SIGSTOP) in round 1 while its SuperNode stays connected: the round
     closes at round-timeout with the other two; resumed after that, its late reply is refused; round 2 has all."""
     values = {**tiny_run_config, "min-available-clients": CAMERAS, "min-train-clients": CAMERAS - 1,
-              "round-timeout": 45}
+              "round-timeout": 90}  # above a ClientApp's start-up + round on a loaded 2-core machine (45 s was not)
     out = Path(values["output-dir"])
     with deployment(tmp_path) as (flwr_home, _, _, nodes):
         wait_for_nodes(flwr_home, CAMERAS)
@@ -203,9 +203,9 @@ def test_a_hanging_clientapp_is_cut_off_by_the_round_timeout(tiny_run_config, tm
         assert _wait_finished(flwr_home, run_id, 900) == "finished:completed"
     rounds = _records(out / "rounds.jsonl")
     assert [r["clients"] for r in rounds] == [CAMERAS - 1, CAMERAS]
-    [failure] = rounds[0]["failures"]
-    assert failure["kind"] == "no-reply" and "round-timeout = 45 s" in failure["reason"]
-    assert 45 <= rounds[0]["seconds"] < 120
+    [failure] = rounds[0]["failures"]  # the SuperLink may answer the expired message itself (error code 3)
+    assert failure["kind"] in ("no-reply", "unavailable")
+    assert 90 <= rounds[0]["seconds"] < 200
 
 
 @pytest.mark.slow
