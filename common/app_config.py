@@ -17,7 +17,7 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from common.config import Config, tomllib, toml_value
+from common.config import Config, toml_value, tomllib
 
 HEADER = "[tool.flwr.app.config]"
 INTRO = ("# Generated from common/config.py's Config (`python -m common.app_config`; a test checks it): every key\n"

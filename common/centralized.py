@@ -11,15 +11,35 @@ import torch
 from common.config import Config
 from common.data.dataset import relabel
 from common.data.loading import check_dataset, load_dataset, train_loader
-from common.engine import (EpochPlan, append_jsonl, atomic_save, derived_seed, evaluate_model, learning_rate,
-                           lr_schedule_lines, make_optimizer, resolve_device, seed_everything, set_lr, train_epoch,
-                           write_config_snapshot)
+from common.engine import (
+    EpochPlan,
+    append_jsonl,
+    atomic_save,
+    derived_seed,
+    evaluate_model,
+    learning_rate,
+    lr_schedule_lines,
+    make_optimizer,
+    resolve_device,
+    seed_everything,
+    set_lr,
+    train_epoch,
+    write_config_snapshot,
+)
 from common.fire2 import FIRe2Training
 from common.models.fire2 import build_fire2_model
 from common.models.reid import build_model
 from common.progress import StepProgress
-from common.rundir import (CHECKPOINT, METRICS_FILE, evaluation_missing, is_evaluation_step, keep_records_up_to,
-                           check_run_folder, load_weights, replace_old_run)
+from common.rundir import (
+    CHECKPOINT,
+    METRICS_FILE,
+    check_run_folder,
+    evaluation_missing,
+    is_evaluation_step,
+    keep_records_up_to,
+    load_weights,
+    replace_old_run,
+)
 
 
 def train_centralized(config: Config) -> list[dict]:

@@ -9,7 +9,8 @@ from pathlib import Path
 from common.config import ConfigError, load_config, parse_run_config
 from common.rundir import CHECKPOINT
 
-RUN_CONFIG_HELP = "a TOML file or \"key=value ...\" pairs with the run-config keys (e.g. \"backbone='resnet18' epochs=1\")"
+RUN_CONFIG_HELP = ("a TOML file or \"key=value ...\" pairs with the run-config keys "
+                   "(e.g. \"backbone='resnet18' epochs=1\")")
 
 
 def _cmd_synth(args) -> None:
@@ -70,9 +71,7 @@ def _cmd_train_centralized(args) -> None:
 
 
 def _cmd_pose(args) -> None:
-    from common.pose_extract import extract_poses
-
-    from common.pose_extract import DEFAULT_POSE_MODEL
+    from common.pose_extract import DEFAULT_POSE_MODEL, extract_poses
 
     table = extract_poses(Path(args.data), Path(args.out), pose_model=args.pose_model or DEFAULT_POSE_MODEL,
                           device=args.device,
@@ -160,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate a checkpoint, optionally with post-processing")
     evaluate.add_argument("--checkpoint", default="",
-                          help="a camfed checkpoint (default: the config's model untrained, e.g. pretrained='imagenet')")
+                          help="a camfed checkpoint (default: the config's model untrained, "
+                               "e.g. pretrained='imagenet')")
     evaluate.add_argument("--run-config", default="", help=RUN_CONFIG_HELP)
     evaluate.add_argument("--post", default=None, help="comma-separated steps in order: flip,nfc,ipg,rerank")
     evaluate.add_argument("--output", default="", help="report folder (default: <output-dir>/evaluation)")

@@ -160,7 +160,8 @@ class Config:
     calr_align_hidden: int = 100
     calr_gem_p: float = 3.0  # initial GeM exponent (learned)
     # FIRe² (method = "fire2"; common/fire2.py, docs/fire2.md): published values
-    fire2_start_epoch: int = 25  # FFM, FAR and the triplet act from this epoch (centralized) or round (federated), 0-based
+    # FFM, FAR and the triplet act from this epoch (centralized) or round (federated), 0-based
+    fire2_start_epoch: int = 25
     fire2_ffm: bool = True  # attribute-aware classification loss on fine-grained ids (off: FAR alone)
     fire2_far: bool = True  # fine-grained attribute recomposition (off: FFM alone)
     fire2_far_with_pem: bool = False  # method = "pem": FAR's recomposed positives in stage 3 besides the pose swaps
@@ -206,7 +207,8 @@ class Config:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be > 0, got {getattr(self, name)}")
         if self.batch_size % self.num_instances:
             raise ConfigError(
-                f"config key 'batch-size' ({self.batch_size}) must be a multiple of 'num-instances' ({self.num_instances})"
+                f"config key 'batch-size' ({self.batch_size}) must be a multiple of "
+                f"'num-instances' ({self.num_instances})"
             )
         if not 0.0 < self.synth_pose_band <= 30.0:
             raise ConfigError(f"config key 'synth-pose-band' must be in (0, 30], got {self.synth_pose_band}")
@@ -227,7 +229,8 @@ class Config:
             raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"config key 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
-        if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0 or (self.dp_noise_multiplier and not self.dp_clip_norm):
+        noise_without_clip = self.dp_noise_multiplier and not self.dp_clip_norm
+        if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0 or noise_without_clip:
             raise ConfigError("config keys 'dp-clip-norm' and 'dp-noise-multiplier' must be >= 0, and noise needs a "
                               f"clip norm > 0 (got {self.dp_clip_norm}, {self.dp_noise_multiplier})")
         for name in ("flip_prob", "random_erasing", "label_smoothing"):
@@ -236,8 +239,7 @@ class Config:
         self._check_ranges()
         self._check_calr()
         self._check_fire2()
-        self.lr_step_list  # parses or raises
-        self.post_steps
+        _ = self.lr_step_list, self.post_steps  # parse or raise
 
     def _check_ranges(self) -> None:
         """Bounds, patterns and combinations of keys that ``validate``'s type and choice checks do not cover."""
@@ -274,7 +276,8 @@ class Config:
             if getattr(self, name) < 0:
                 raise ConfigError(f"config key '{name.replace('_', '-')}' must be >= 0, got {getattr(self, name)}")
         if self.calr_knn < 2:
-            raise ConfigError(f"config key 'calr-knn' must be >= 2 (the point itself and a neighbour), got {self.calr_knn}")
+            raise ConfigError("config key 'calr-knn' must be >= 2 (the point itself and a neighbour), "
+                              f"got {self.calr_knn}")
         ranges = {"calr_intra_eps": ("(0, 1): a Jaccard distance", 0.0 < self.calr_intra_eps < 1.0),
                   "calr_max_distance": ("(0, 1]: a cosine distance whose similarity 1 − d weights the edge",
                                         0.0 < self.calr_max_distance <= 1.0),
@@ -307,7 +310,8 @@ class Config:
         try:
             return [int(s) for s in self.lr_steps.replace(" ", "").split(",") if s]
         except ValueError:
-            raise ConfigError(f"config key 'lr-steps' must be comma-separated integers, got {self.lr_steps!r}") from None
+            raise ConfigError(
+                f"config key 'lr-steps' must be comma-separated integers, got {self.lr_steps!r}") from None
 
     @property
     def post_steps(self) -> list[str]:

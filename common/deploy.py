@@ -191,7 +191,8 @@ def _registration_result(key: Path, proc: subprocess.CompletedProcess) -> str:
     try:
         reply = json.loads(proc.stdout[proc.stdout.index("{"):])
     except ValueError:
-        raise RuntimeError(f"register {key}: flwr exited {proc.returncode}: {proc.stderr.strip() or proc.stdout.strip()}")
+        output = proc.stderr.strip() or proc.stdout.strip()
+        raise RuntimeError(f"register {key}: flwr exited {proc.returncode}: {output}") from None
     if reply.get("success"):
         return f"registered {reply['node-id']}"
     message = reply.get("error-message", "")

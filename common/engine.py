@@ -21,7 +21,6 @@ from common.losses import batch_hard_triplet, cross_entropy_smooth
 from common.models.reid import ReIDModel, ReIDOutput
 
 
-
 @dataclass
 class Batch:
     """One training batch: ``images`` (B, 3, H, W) normalised and ``labels`` (B,) int64 (the camera's or the

@@ -352,7 +352,7 @@ def _check(n_query: int, n_gallery: int, ids: dict, max_rank: int,
     if max_rank < 1 or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"max_rank ({max_rank}) and chunk_size ({chunk_size}) must be >= 1")
     if max_rank > n_gallery:
-        warnings.warn(f"max_rank {max_rank} > gallery size {n_gallery}; using {n_gallery}")
+        warnings.warn(f"max_rank {max_rank} > gallery size {n_gallery}; using {n_gallery}", stacklevel=2)
         return n_gallery
     return max_rank
 

@@ -114,11 +114,12 @@ def run_one(config: Config, centralized: bool) -> list[dict]:
         from common.centralized import train_centralized
 
         train_centralized(config)
-        return [{**r, "round": r["epoch"] / config.local_epochs} for r in read_jsonl(Path(config.output_dir) / METRICS_FILE)]
+        records = read_jsonl(Path(config.output_dir) / METRICS_FILE)
+        return [{**r, "round": r["epoch"] / config.local_epochs} for r in records]
+    from camfed.inprocess import InProcessGrid
     from client.app import app as client_app
     from common.data.partition import partition_by_camera
     from common.federated.data import load_node_dataset
-    from camfed.inprocess import InProcessGrid
     from common.federated.server import run_federation
 
     cameras = len(partition_by_camera(load_node_dataset(config).train))

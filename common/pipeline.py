@@ -27,8 +27,8 @@ from common.data.loading import check_dataset, load_dataset, test_loader
 from common.data.records import ReIDDataset, clothes_ids
 from common.engine import protocol_metrics, resolve_device
 from common.evaluation import compute_distance, evaluate_features, evaluate_rank, extract_features, reported_protocols
-from common.postprocess import aggregate_generated, flip_average, id2, k_reciprocal_rerank, load_generated_features, nfc
 from common.models.reid import build_model
+from common.postprocess import aggregate_generated, flip_average, id2, k_reciprocal_rerank, load_generated_features, nfc
 from common.report import load_checkpoint_model, write_report
 from common.rundir import check_report_folder, config_differences, read_checkpoint, stored_config
 

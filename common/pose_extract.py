@@ -98,7 +98,8 @@ def _load_partial(path: Path, pose_model: str) -> dict[str, tuple[np.ndarray, np
     try:
         with np.load(path, allow_pickle=False) as data:
             if str(data["pose_model"]) != pose_model:
-                warnings.warn(f"{path} was made with pose model {data['pose_model']}, resuming with {pose_model}")
+                warnings.warn(f"{path} was made with pose model {data['pose_model']}, resuming with {pose_model}",
+                              stacklevel=2)
             return {str(f): (k, s) for f, k, s in zip(data["files"], data["keypoints"], data["scores"])}
     except (OSError, KeyError, ValueError) as err:
         raise ValueError(f"cannot resume from {path} ({err}); delete it to start over") from None

@@ -26,8 +26,8 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter, defaultdict
-from contextlib import contextmanager
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np

@@ -109,7 +109,8 @@ def clientapp_command(supernode: str, secret: str) -> list[str]:
 
     That API is plain HTTP on the camera's private network (compose: an internal network shared
     by the SuperNode and this executor only); the shared ``secret`` authenticates the executor."""
-    return ["flower-superexec", "--runtime-api-address", supernode, "--insecure", "--superexec-auth-secret-file", secret]
+    return ["flower-superexec", "--runtime-api-address", supernode, "--insecure",
+            "--superexec-auth-secret-file", secret]
 
 
 def register_command(superlink: str, ca: str, public_keys: list[str]) -> list[str]:
@@ -323,7 +324,8 @@ def render(args: argparse.Namespace) -> str:
               f"#   python deploy/make_compose.py {' '.join(canonical_argv(args))} --out <this file>\n"
               "# Host paths are relative to this file's folder; the containers run as the uid:gid above\n"
               "# (CAMFED_UID/CAMFED_GID override it).  Cameras reach only the Fleet proxy; the operator's flwr\n"
-              f"# reaches the SuperLink at ${{CAMFED_CONTROL_BIND:-127.0.0.1}}:${{CAMFED_CONTROL_PORT:-{CONTROL_HOST_PORT}}}.\n"
+              "# reaches the SuperLink at ${CAMFED_CONTROL_BIND:-127.0.0.1}:"
+              f"${{CAMFED_CONTROL_PORT:-{CONTROL_HOST_PORT}}}.\n"
               + ("# INSECURE: no TLS and no SuperNode authentication.\n" if args.insecure else ""))
     if len(document["networks"]) > DOCKER_NETWORK_POOLS - 1:
         note = (f"{len(document['networks'])} networks: more than Docker's default address pools hold; give dockerd "

@@ -4,8 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from common.clustering import (centroids, cluster_quality, cluster_stats, dbscan, infomap_clusters,
-                               jaccard_distance, relabel)
+from common.clustering import (
+    centroids,
+    cluster_quality,
+    cluster_stats,
+    dbscan,
+    infomap_clusters,
+    jaccard_distance,
+    relabel,
+)
 
 
 def dense_jaccard_reference(features: np.ndarray, k1: int, k2: int) -> np.ndarray:

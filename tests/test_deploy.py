@@ -80,7 +80,8 @@ def sources(service: dict) -> dict[str, dict]:
 def test_the_one_committed_example_equals_the_generator_output():
     committed = sorted(p.name for p in (DEPLOY / "compose").glob("*.yml"))
     assert committed == sorted(mc.COMMITTED) and len(committed) == 1, (
-        "deploy/compose/ holds one generated example; regenerate with: python deploy/make_compose.py --update-committed")
+        "deploy/compose/ holds one generated example; regenerate with: "
+        "python deploy/make_compose.py --update-committed")
     for name, options in mc.COMMITTED.items():
         out = DEPLOY / "compose" / name
         assert out.read_text() == mc.render(mc.parse_args([*options, "--out", str(out)])), (
@@ -169,8 +170,9 @@ def test_multi_machine_roles_split_the_services():
         mc.parse_args(["--role", "camera", "--camera", "7"])  # market1501 has 6 cameras
 
 
-@pytest.mark.parametrize("options", [("--cpu",), ("--dataset", "msmt17", "--gpu"), ("--cpu", "--insecure"),
-                                     ("--role", "link"), ("--role", "camera", "--camera", "3", "--superlink", "h:8000")])
+@pytest.mark.parametrize("options", [
+    ("--cpu",), ("--dataset", "msmt17", "--gpu"), ("--cpu", "--insecure"),
+    ("--role", "link"), ("--role", "camera", "--camera", "3", "--superlink", "h:8000")])
 def test_networks_isolate_cameras_and_keep_control_off_camera_networks(options):
     doc = document(*options)
     services, nets = doc["services"], members(doc)
@@ -216,7 +218,7 @@ def test_the_fleet_proxy_passes_exactly_flwrs_fleet_endpoints():
         text = (DEPLOY / "proxy" / conf).read_text()
         locations = re.findall(r"location (.+?) \{", text)
         assert locations[-1] == "/" and re.search(r"location / \{\s*return 403;\s*\}", text)
-        (allowed,) = [l for l in locations if l.startswith("~ ^/v1/fleet/(")]
+        (allowed,) = [loc for loc in locations if loc.startswith("~ ^/v1/fleet/(")]
         assert set(re.fullmatch(r"~ \^/v1/fleet/\((.+)\)\$", allowed).group(1).split("|")) == used
         assert len(locations) == 2  # nothing else is passed on
         assert "limit_except POST { deny all; }" in text
@@ -226,7 +228,8 @@ def test_the_fleet_proxy_passes_exactly_flwrs_fleet_endpoints():
         assert f"listen {mc.LINK_PORT}{' ssl' if scheme == 'https' else ''};" in text
     tls = (DEPLOY / "proxy" / "fleet-tls.conf").read_text()
     for directive in ("ssl_certificate /certs/server.pem;", "ssl_certificate_key /certs/server.key;",
-                      "proxy_ssl_verify on;", "proxy_ssl_trusted_certificate /certs/ca.crt;", "proxy_ssl_name superlink;"):
+                      "proxy_ssl_verify on;", "proxy_ssl_trusted_certificate /certs/ca.crt;",
+                      "proxy_ssl_name superlink;"):
         assert directive in tls
     proxy = document("--cpu")["services"]["fleet-proxy"]
     assert set(sources(proxy)) == {"/certs/ca.crt", "/certs/server.pem", "/certs/server.key"}
@@ -248,9 +251,9 @@ def test_the_first_service_builds_the_image_every_service_runs():
 
 def _parse_flwr(command: list[str]):
     """Parse a command with the argparse parser of the flwr 1.41 executable it names."""
+    from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
     from flwr.superlink.cli.flower_superlink import _parse_args_run_superlink
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
-    from flwr.supercore.cli.flower_superexec import _parse_args as superexec_parser
 
     parsers = {"flower-superlink": _parse_args_run_superlink, "flower-supernode": _parse_args_run_supernode,
                "flower-superexec": superexec_parser}
@@ -542,7 +545,8 @@ def test_multi_machine_guide_commands_give_valid_files_whose_paths_exist(compose
     server = x509.load_pem_x509_certificate((link_host / "deploy/run/secrets/certs/server.pem").read_bytes())
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {"link.example.org", "superlink"} <= set(names.get_values_for_type(x509.DNSName))
-    no_overrides = {k: "" for k in ("CAMFED_SECRETS", "CAMFED_STATE", "CAMFED_DATA", "CAMFED_OUTPUTS", "CAMFED_SUPERLINK")}
+    no_overrides = {k: "" for k in ("CAMFED_SECRETS", "CAMFED_STATE", "CAMFED_DATA", "CAMFED_OUTPUTS",
+                                     "CAMFED_SUPERLINK")}
     for host, name in ((link_host, "link.yml"), (camera_host, "camera-3.yml")):
         assert validate(compose, host / "deploy" / "run" / name, no_overrides).returncode == 0
         config = resolved(compose, host / "deploy" / "run" / name, no_overrides)
@@ -589,7 +593,6 @@ def test_registration_results_are_parsed():
 
 def test_connection_file_is_read_by_flwr(tmp_path):
     import tomllib
-
     from flwr.cli.flower_config import parse_superlink_connection
 
     secure = tomllib.loads(flwr_connection_toml("link.example.org:8000", tmp_path / "ca.crt"))
@@ -648,9 +651,9 @@ def test_dockerfile_stages_args_and_build_context():
     # COPY sources exist and are let through by the ignore files: the root .dockerignore (legacy builder)
     # and the Dockerfile-specific one (BuildKit) are the same
     assert (ROOT / ".dockerignore").read_text() == (DEPLOY / "Dockerfile.dockerignore").read_text()
-    ignore = [l for l in (ROOT / ".dockerignore").read_text().splitlines() if l and not l.startswith("#")]
+    ignore = [line for line in (ROOT / ".dockerignore").read_text().splitlines() if line and not line.startswith("#")]
     assert ignore[0] == "*"
-    allowed = {l[1:] for l in ignore if l.startswith("!")}
+    allowed = {line[1:] for line in ignore if line.startswith("!")}
     for op, rest in instructions:
         if op == "COPY":
             for source in rest.split()[:-1]:

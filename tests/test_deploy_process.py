@@ -39,7 +39,7 @@ def _make_compose():
 def image_flwr_env() -> dict[str, str]:
     """The FLWR_* settings the image's ENV sets (runtime installs, telemetry, update check off), but FLWR_HOME."""
     text = (REPO / "deploy" / "Dockerfile").read_text().replace("\\\n", " ")
-    pairs = re.findall(r"\b(FLWR_\w+)=(\S+)", " ".join(l for l in text.splitlines() if l.startswith("ENV ")))
+    pairs = re.findall(r"\b(FLWR_\w+)=(\S+)", " ".join(line for line in text.splitlines() if line.startswith("ENV ")))
     return {k: v for k, v in pairs if k != "FLWR_HOME"}
 
 

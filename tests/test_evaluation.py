@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from common import evaluation
-from common.evaluation import (compute_distance, evaluate_features, evaluate_rank,
-                               extract_features)
+from common.evaluation import compute_distance, evaluate_features, evaluate_rank, extract_features
 
 
 def reference(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50, q_clothes=None, g_clothes=None,

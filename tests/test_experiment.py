@@ -6,7 +6,7 @@ import math
 import pytest
 
 from common.config import ConfigError, load_config
-from common.experiment import (mean_interval, parse_methods, run_grid, summarize, t_quantile_975, verdict)
+from common.experiment import mean_interval, parse_methods, run_grid, summarize, t_quantile_975, verdict
 
 
 def test_grid_writes_tables_and_plot_and_never_redoes_a_finished_run(tiny_run_config, tmp_path, monkeypatch, capsys):

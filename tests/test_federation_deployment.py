@@ -16,10 +16,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_run_config
 
-from common.federated.launch import (descendants, flwr_run, free_port, local_superlink, run_status, stop_process_tree,
-                                     tool_env)
+from common.federated.launch import (
+    descendants,
+    flwr_run,
+    free_port,
+    local_superlink,
+    run_status,
+    stop_process_tree,
+    tool_env,
+)
+from conftest import write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CAMERAS = 3

@@ -8,9 +8,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import write_run_config
 
 from common.federated.launch import federate
+from conftest import write_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

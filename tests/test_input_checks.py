@@ -133,8 +133,9 @@ def test_evaluate_checks_post_inputs_and_the_report_folder_before_extracting(che
         pipeline.evaluate_checkpoint(checkpoint, {}, post="", output_dir=tmp_path / "file" / "report")
 
 
-@pytest.mark.parametrize("text, key", [("nfc-k1=0", "nfc-k1"), ("device='gpu'", "device"), ("last-stride=0", "last-stride"),
-                                       ("lr=-1", "lr"), ("pad=-5", "pad"), ("num-instances=1", "num-instances")])
+@pytest.mark.parametrize("text, key", [("nfc-k1=0", "nfc-k1"), ("device='gpu'", "device"),
+                                       ("last-stride=0", "last-stride"), ("lr=-1", "lr"), ("pad=-5", "pad"),
+                                       ("num-instances=1", "num-instances")])
 def test_bad_values_name_the_key(text, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config(text)

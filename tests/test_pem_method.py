@@ -75,8 +75,8 @@ def test_missing_pose_file_names_the_setting(tiny_run_config, tmp_path):
 
 
 def test_two_round_pem_federation_on_synthetic_cameras(tiny_run_config):
-    from client.app import app as client_app
     from camfed.inprocess import InProcessGrid
+    from client.app import app as client_app
     from common.federated.server import run_federation
 
     config = load_config({**tiny_run_config, "method": "pem", "num-server-rounds": 2})

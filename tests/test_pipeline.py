@@ -7,8 +7,8 @@ import torch
 
 from common.cli import main
 from common.config import ConfigError, load_config
-from common.engine import atomic_save, evaluate_model
 from common.data.loading import load_dataset
+from common.engine import atomic_save, evaluate_model
 from common.models.reid import build_model
 
 
@@ -64,9 +64,9 @@ def test_unknown_step_is_rejected(tiny_run_config, checkpoint, tmp_path):
 
 
 def test_top_matches_skip_same_camera_same_id():
-    from common.pipeline import SplitFeatures, top_matches
-
     import numpy as np
+
+    from common.pipeline import SplitFeatures, top_matches
     q = SplitFeatures(torch.eye(2, 3), np.array([1, 2]), np.array([1, 1]), ["a", "b"])
     g = SplitFeatures(torch.eye(3), np.array([1, 1, 2]), np.array([1, 2, 2]), ["x", "y", "z"])
     ranked = top_matches(q, g, np.array([0, 1]), None, "cosine", 2)
@@ -77,8 +77,8 @@ def test_top_matches_skip_same_camera_same_id():
 def test_federation_runs_the_pipeline_on_its_final_model(tiny_run_config):
     from pathlib import Path
 
-    from client.app import app as client_app
     from camfed.inprocess import InProcessGrid
+    from client.app import app as client_app
     from common.federated.server import run_federation
 
     config = load_config({**tiny_run_config, "num-server-rounds": 1, "post": "flip,nfc"})

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import common.centralized as centralized
+from camfed.inprocess import InProcessGrid
 from client.app import app as client_app
 from common.centralized import train_centralized
 from common.config import ConfigError, load_config
-from camfed.inprocess import InProcessGrid
 from common.federated.server import run_federation
 from common.pipeline import evaluate_checkpoint
 from common.rundir import CHECKPOINT, check_run_folder

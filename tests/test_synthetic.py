@@ -15,9 +15,19 @@ from PIL import Image
 from common.data import synthetic
 from common.data.pose import load_pose_file
 from common.data.readers import read_market1501
-from common.data.synthetic import (SPLIT_FOLDERS, ensure_synthetic, generate_synthetic, plan, render_spec,
-                                   sample_camera, sample_person, synthetic_dir_name, synthetic_matches,
-                                   synthetic_params, visible_traits)
+from common.data.synthetic import (
+    SPLIT_FOLDERS,
+    ensure_synthetic,
+    generate_synthetic,
+    plan,
+    render_spec,
+    sample_camera,
+    sample_person,
+    synthetic_dir_name,
+    synthetic_matches,
+    synthetic_params,
+    visible_traits,
+)
 
 MARKET = re.compile(r"([-\d]+)_c(\d)")
 TINY = dict(num_ids=8, num_cameras=3, seed=0, height=64, width=32, images_per_id_per_camera=(2, 3),

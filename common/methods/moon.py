@@ -7,8 +7,8 @@ where z is the local model's pooled feature f (B, D), z_glob that of the round's
 that of this camera's local model from its previous round (private state), sim the cosine similarity.
 μ = ``moon-mu`` (1, the paper's value for CIFAR-100 and Tiny-ImageNet; 5 for CIFAR-10), τ = ``moon-temperature``
 (0.5, the paper's value throughout).  The representation is the pooled backbone feature f: camfed's ReID model
-has no projection head, and adding one would change what the server averages.  On a camera's first round z_prev comes from the global
-model, so ℓ_con = log 2 with zero gradient.
+has no projection head, and adding one would change what the server averages.  On a camera's first round z_prev
+comes from the global model, so ℓ_con = log 2 with zero gradient.
 """
 
 from __future__ import annotations

@@ -27,9 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common.config import Config, ConfigError
-from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
 from common.data.dataset import PKSampler
 from common.data.loading import test_loader, train_loader
+from common.data.pose import dataset_pose_vectors, load_pose_file, read_image_sizes
 from common.engine import Batch, derived_seed, make_optimizer, set_lr, train_epoch
 from common.fire2 import FIRe2Training
 from common.losses import batch_hard_triplet, cross_entropy_smooth, cycle_consistency_loss, pose_distillation_loss
