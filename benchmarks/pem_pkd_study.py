@@ -40,17 +40,23 @@ def split_features(config, model, records, root, path):
             torch.as_tensor([r.camid for r in records]))
 
 
+def fresh_pem(config, channels: int, seed: int) -> PoseExtractionModule:
+    """An untrained PEM over ``channels`` features, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return PoseExtractionModule(channels, config.pem_reduction)
+
+
 def train_pem(config, train, epochs: int, lr: float, seed: int) -> PoseExtractionModule:
     """A fresh PEM trained with ``config``'s PEM losses on camera-wise P×K batches of pooled features."""
     features, z, valid, pids, camids = train
-    torch.manual_seed(seed)
-    pem = PoseExtractionModule(features.shape[1], config.pem_reduction)
+    pem = fresh_pem(config, features.shape[1], seed)
     optimizer = torch.optim.SGD(pem.parameters(), lr=lr, momentum=config.momentum)
     generator = torch.Generator().manual_seed(seed)
     cameras = [torch.nonzero(camids == c).flatten() for c in torch.unique(camids)]
+    samplers = [PKSampler(pids[rows].tolist(), config.batch_size, config.num_instances, seed=seed)
+                for rows in cameras]
     for epoch in range(epochs):
-        for rows in cameras:
-            sampler = PKSampler(pids[rows].tolist(), config.batch_size, config.num_instances, seed=seed)
+        for rows, sampler in zip(cameras, samplers):
             sampler.set_epoch(epoch)
             for batch in pk_batches(sampler, config.batch_size):
                 index = rows[batch]
@@ -93,7 +99,8 @@ def main() -> None:
     ceiling = linear_pose_r2(train[0][train[2]], train[1][train[2]], test[0][test[2]], test[1][test[2]])
     print(json.dumps({"features_seconds": round(time.perf_counter() - began, 1), "train": len(train[0]),
                       "test": len(test[0]), "linear_pose_r2_F": round(ceiling, 4)}), flush=True)
-    results = {"linear_pose_r2_F": ceiling, "untrained": report(PoseExtractionModule(train[0].shape[1]).eval(), test)}
+    untrained = fresh_pem(config, train[0].shape[1], args.seed).eval()
+    results = {"linear_pose_r2_F": ceiling, "untrained": report(untrained, test)}
     for form, overrides in FORMS.items():
         for lr in map(float, args.lr.split(",")):
             trained = train_pem(dataclasses.replace(config, **overrides), train, args.epochs, lr, args.seed)
