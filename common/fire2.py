@@ -88,19 +88,29 @@ def mine_fine_ids(features: torch.Tensor, identities: np.ndarray, config: Config
                           centroids(features, fine_ids))
 
 
-def attribute_soft_target(fine_ids: torch.Tensor, owner: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """Attribute-aware target (B, F): (1 − ε) on each image's fine id plus ε spread evenly over all fine ids of
-    its identity (its own included, as the authors' code does); rows sum to 1.  ``fine_ids`` (B,), ``owner`` (F,)."""
+def attribute_soft_target(fine_ids: torch.Tensor, owner: torch.Tensor, epsilon: float,
+                          spread: str = "others") -> torch.Tensor:
+    """Attribute-aware target (B, F): (1 − ε) on each image's fine id plus ε spread evenly over fine ids of
+    its identity; rows sum to 1.  ``fine_ids`` (B,), ``owner`` (F,): the identity of every fine id.
+
+    ``spread = "others"`` (the paper's description): ε over the identity's *other* fine ids; an identity with a
+    single fine id then gets the one-hot target.  ``"all"`` (the authors' released code): ε over all of the
+    identity's fine ids, its own included, so the own entry is 1 − ε + ε / n."""
     same_identity = (owner[None, :] == owner[fine_ids][:, None]).float()
-    target = epsilon * same_identity / same_identity.sum(1, keepdim=True)
-    return target + (1.0 - epsilon) * F.one_hot(fine_ids, len(owner)).float()
+    own = F.one_hot(fine_ids, len(owner)).float()
+    if spread == "others":
+        same_identity = same_identity - own
+        alone = same_identity.sum(1, keepdim=True) == 0
+        shares = epsilon * same_identity / same_identity.sum(1, keepdim=True).clamp_min(1.0)
+        return shares + torch.where(alone, 1.0, 1.0 - epsilon) * own
+    return epsilon * same_identity / same_identity.sum(1, keepdim=True) + (1.0 - epsilon) * own
 
 
 def attribute_aware_loss(cosine: torch.Tensor, fine_ids: torch.Tensor, owner: torch.Tensor, scale: float,
-                         epsilon: float) -> torch.Tensor:
+                         epsilon: float, spread: str = "others") -> torch.Tensor:
     """Mean over the batch of −Σ_f target_f · log softmax(scale · cosine)_f; ``cosine`` (B, F) in [−1, 1]."""
     log_probs = F.log_softmax(scale * cosine.float(), dim=1)
-    return -(attribute_soft_target(fine_ids, owner, epsilon) * log_probs).sum(1).mean()
+    return -(attribute_soft_target(fine_ids, owner, epsilon, spread) * log_probs).sum(1).mean()
 
 
 def far_partners(fine_ids: torch.Tensor, parts: int, copies: int,
@@ -165,7 +175,8 @@ class FIRe2Objective:
         fine_ids = self.fine_ids[batch.indices].to(device)
         if self.classifier is not None:
             terms["ffm"] = attribute_aware_loss(self.classifier(outputs.embedding), fine_ids, self.owner.to(device),
-                                                config.fire2_scale, config.fire2_epsilon)
+                                                config.fire2_scale, config.fire2_epsilon,
+                                                config.fire2_epsilon_spread)
         if self.far:
             anchors, partners, valid = far_partners(fine_ids, config.fire2_parts, config.fire2_recompositions,
                                                     self.generator)

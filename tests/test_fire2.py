@@ -63,15 +63,25 @@ def test_cosine_classifier_starts_at_the_cluster_centres(tiny_config):
     assert torch.allclose(classifier(expected), expected @ expected.T, atol=1e-6)
 
 
-def test_attribute_aware_target_puts_epsilon_on_the_identity_s_fine_ids():
-    owner = torch.tensor([0, 0, 0, 1, 1])  # identity 0 has fine ids 0-2, identity 1 fine ids 3-4
-    target = attribute_soft_target(torch.tensor([1, 3]), owner, epsilon=0.1)
+def test_attribute_aware_target_puts_epsilon_on_the_identity_s_other_fine_ids():
+    owner = torch.tensor([0, 0, 0, 1, 1, 2])  # identity 0: fine ids 0-2, identity 1: 3-4, identity 2: 5 alone
+    target = attribute_soft_target(torch.tensor([1, 3, 5]), owner, epsilon=0.1)
+    expected = torch.tensor([[0.05, 0.9, 0.05, 0.0, 0.0, 0.0],
+                             [0.0, 0.0, 0.0, 0.9, 0.1, 0.0],
+                             [0.0, 0.0, 0.0, 0.0, 0.0, 1.0]])  # no other fine id: the one-hot target
+    assert torch.allclose(target, expected) and torch.allclose(target.sum(1), torch.ones(3))
+    cosine = torch.tensor([[0.2, 0.9, -0.1, 0.3, 0.0, 0.1], [0.1, 0.0, 0.2, 0.8, 0.5, 0.0],
+                           [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]])
+    loss = attribute_aware_loss(cosine, torch.tensor([1, 3, 5]), owner, scale=16.0, epsilon=0.1)
+    assert torch.isclose(loss, -(expected * torch.log_softmax(16.0 * cosine, dim=1)).sum(1).mean())
+
+
+def test_attribute_aware_target_spread_over_all_fine_ids_as_the_released_code():
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    target = attribute_soft_target(torch.tensor([1, 3]), owner, epsilon=0.1, spread="all")
     expected = torch.tensor([[0.1 / 3, 0.9 + 0.1 / 3, 0.1 / 3, 0.0, 0.0],
                              [0.0, 0.0, 0.0, 0.9 + 0.05, 0.05]])
     assert torch.allclose(target, expected) and torch.allclose(target.sum(1), torch.ones(2))
-    cosine = torch.tensor([[0.2, 0.9, -0.1, 0.3, 0.0], [0.1, 0.0, 0.2, 0.8, 0.5]])
-    loss = attribute_aware_loss(cosine, torch.tensor([1, 3]), owner, scale=16.0, epsilon=0.1)
-    assert torch.isclose(loss, -(expected * torch.log_softmax(16.0 * cosine, dim=1)).sum(1).mean())
 
 
 def test_far_restyles_a_part_with_the_partner_s_statistics_by_hand():
