@@ -172,7 +172,7 @@ class Config:
     fire2_min_samples: int = 1  # DBSCAN core-point neighbourhood size (itself included)
     fire2_scale: float = 16.0  # cosine classifier scale over fine-grained ids
     fire2_epsilon: float = 0.1  # attribute-aware soft target: share spread over the identity's fine ids
-    fire2_epsilon_spread: str = "others"  # ε over the identity's other fine ids (paper) or all, own included (code)
+    fire2_epsilon_spread: str = "others"  # ε over the identity's other fine ids or all, own included (authors' code)
     fire2_parts: int = 2  # FAR: horizontal parts P of the feature map
     fire2_recompositions: int = 1  # FAR: recomposed copies K of each image
     fire2_far_weight: float = 0.3  # FAR's label-smoothed CE weight

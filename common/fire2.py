@@ -93,7 +93,7 @@ def attribute_soft_target(fine_ids: torch.Tensor, owner: torch.Tensor, epsilon: 
     """Attribute-aware target (B, F): (1 − ε) on each image's fine id plus ε spread evenly over fine ids of
     its identity; rows sum to 1.  ``fine_ids`` (B,), ``owner`` (F,): the identity of every fine id.
 
-    ``spread = "others"`` (the paper's description): ε over the identity's *other* fine ids; an identity with a
+    ``spread = "others"`` (the default): ε over the identity's *other* fine ids; an identity with a
     single fine id then gets the one-hot target.  ``"all"`` (the authors' released code): ε over all of the
     identity's fine ids, its own included, so the own entry is 1 − ε + ε / n."""
     same_identity = (owner[None, :] == owner[fine_ids][:, None]).float()
