@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     experiment.add_argument("--run-config", default="", help=RUN_CONFIG_HELP + " (shared by every run)")
     experiment.add_argument("--methods", default="fedavg,pem,centralized",
                             help="comma-separated: centralized, fedavg, fedprox, moon, pem, pem-baseline, pem-pkd, "
-                                 "pem-scm, pem-pkd+scm, pem-nomask, pem-hard, or a name given with --method")
+                                 "pem-scm, pem-pkd+scm, pem-nomask, pem-hard, or a name given with --method "
+                                 "(a name centralized-<x> trains centralized with its overrides)")
     experiment.add_argument("--method", action="append", metavar="NAME=\"key=value ...\"",
                             help="define a method by its run-config overrides (repeatable)")
     experiment.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (paired across methods)")

@@ -3,7 +3,9 @@
 Every run of a grid shares the base run config; a run differs only by its method's overrides and its
 ``seed``.  Federated runs go through the real ServerApp / ClientApp code on an in-process grid (messages
 serialised as on the wire); ``centralized`` trains on all cameras for ``num-server-rounds × local-epochs``
-epochs (the same passes over the data).  Layout of ``--out DIR``::
+epochs (the same passes over the data), supervised; a method named ``centralized-<name>`` trains centralized too,
+with its own overrides (e.g. ``--method centralized-calr="method='calr'"``: CALR as published).
+Layout of ``--out DIR``::
 
     DIR/experiment.json          the grid's base config, its runs' results and the statistics
     DIR/experiment.md            the same as tables
@@ -102,10 +104,15 @@ def run_config_of(base: Config, overrides: Mapping[str, Any], spec: RunSpec, roo
     values = {**base.to_run_config(), **overrides, "seed": spec.seed, "output-dir": str(folder),
               "state-dir": str(folder / "client-state"), "resume": (folder / CHECKPOINT).is_file(),
               "overwrite": not (folder / CHECKPOINT).is_file()}
-    if spec.method == "centralized":
+    if is_centralized(spec.method):
         epochs = base.num_server_rounds * base.local_epochs
         values.update({"epochs": epochs, "eval-every": base.eval_every * base.local_epochs})
     return Config.from_mapping(values)
+
+
+def is_centralized(method: str) -> bool:
+    """Whether runs of ``method`` train centralized: ``centralized`` itself or any ``centralized-<name>``."""
+    return method == "centralized" or method.startswith("centralized-")
 
 
 def run_one(config: Config, centralized: bool) -> list[dict]:
@@ -176,7 +183,7 @@ def run_grid(base: Config, methods: Mapping[str, Mapping[str, Any]], seeds: list
             continue
         print(f"[{number}/{len(specs)}] {spec.method} seed {spec.seed}: training in {folder}", flush=True)
         began = time.monotonic()
-        evaluations = run_one(config, spec.method == "centralized")
+        evaluations = run_one(config, is_centralized(spec.method))
         if not evaluations:
             raise RuntimeError(f"run {spec.method} seed {spec.seed} wrote no evaluation in {folder / METRICS_FILE}")
         result = {"method": spec.method, "seed": spec.seed, "overrides": dict(methods[spec.method]),

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -40,6 +41,24 @@ def test_grid_refuses_to_mix_settings(tiny_run_config, tmp_path):
     other = load_config({**tiny_run_config, "num-server-rounds": 1, "lr": 0.01})
     with pytest.raises(ConfigError, match="'lr'"):
         run_grid(other, parse_methods("fedavg"), [1], out)
+
+
+def test_a_centralized_name_trains_centralized_with_its_overrides(tiny_run_config, tmp_path, monkeypatch):
+    from common import experiment
+
+    calls = []
+
+    def fake_run(config, centralized):
+        calls.append((config.method, centralized, config.epochs))
+        Path(config.output_dir).mkdir(parents=True)
+        return [{"round": 1, "mAP": 0.1, "rank1": 0.2, "mINP": 0.05}]
+
+    monkeypatch.setattr(experiment, "run_one", fake_run)
+    base = load_config({**tiny_run_config, "num-server-rounds": 3, "local-epochs": 2})
+    methods = parse_methods("centralized,centralized-calr,calr-fed",
+                            {"centralized-calr": "method='calr'", "calr-fed": "method='calr'"})
+    run_grid(base, methods, [0], tmp_path / "grid")
+    assert calls == [("fedavg", True, 6), ("calr", True, 6), ("calr", False, base.epochs)]
 
 
 def test_methods_carry_overrides_and_unknown_names_are_refused():
