@@ -6,11 +6,17 @@ method's extra ``upload`` arrays (none for most methods) have exactly the names 
 The classifier and any other private state go to the camera's state directory instead.  With
 ``dp-clip-norm`` the update is clipped and noised here (``common.federated.privacy``); the shared weights
 travel in ``transport-dtype`` both ways and are trained in float32.
+
+``hold_reply`` is a fault-injection hook for tests only (``CAMFED_TEST_HOLD_REPLY``); it does nothing unless
+that variable is set in the SuperNode's environment.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -27,6 +33,8 @@ ARRAYS, CONFIG, METRICS = "arrays", "config", "metrics"  # record names in messa
 UPLOAD, DOWNLOAD = "upload", "download"  # a method's declared extra arrays: camera → server, server → cameras
 PARTITION_KEY = "partition-id"
 NODE_KEYS = (PARTITION_KEY, "num-partitions")
+HOLD_ENV = "CAMFED_TEST_HOLD_REPLY"  # fault injection in tests/test_faults.py only: see hold_reply
+LOG = logging.getLogger("flwr.camfed")
 
 
 def node_settings(node_config: Mapping[str, Any]) -> tuple[int, int, dict[str, Any]]:
@@ -92,7 +100,29 @@ def train(message: Message, context: Context) -> Message:
     content = RecordDict({ARRAYS: shared_out, METRICS: metrics})
     if result.upload:
         content[UPLOAD] = state_to_arrays(result.upload)
+    hold_reply(partition_id, server_round)
     return Message(content, reply_to=message)
+
+
+def hold_reply(partition_id: int, server_round: int, poll: float = 0.5) -> None:
+    """Fault injection for tests only: a ClientApp that hangs with its reply ready, its node still connected.
+
+    With ``CAMFED_TEST_HOLD_REPLY=<folder>`` in the environment (a SuperNode passes it on to its ClientApps),
+    the trained reply of partition-id ``p`` in round ``r`` is held while ``<folder>/partition-<p>-round-<r>``
+    exists: this call blocks, while Flower's heartbeat thread keeps the ClientApp alive in the SuperNode's
+    eyes, so only ``round-timeout`` ends the round.  Without the variable it returns at once.
+    """
+    folder = os.environ.get(HOLD_ENV)
+    gate = Path(folder) / f"partition-{partition_id}-round-{server_round}" if folder else None
+    if gate is None or not gate.exists():
+        return
+    LOG.warning("%s: holding the round-%d reply of partition %d while %s exists", HOLD_ENV, server_round,
+                partition_id, gate)
+    began = time.monotonic()
+    while gate.exists():
+        time.sleep(poll)
+    LOG.warning("%s: round-%d reply of partition %d released after %.1f s", HOLD_ENV, server_round, partition_id,
+                time.monotonic() - began)
 
 
 def query(message: Message, context: Context) -> Message:

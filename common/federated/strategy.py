@@ -9,7 +9,9 @@ until all arrived or ``round-timeout`` expires → ``screen`` them → ``average
   (the camera's index in sorted camera-id order) in reply to a ``query`` message, asked once per node
   and only when ``fraction-train`` < 1.
 - **Timeout**: messages carry ``ttl = round-timeout``, so the SuperLink refuses a reply that comes
-  later; the round closes with the replies it has and names the cameras whose replies are discarded.
+  later; the round closes with the replies it has and names the cameras whose replies are discarded
+  (``no-reply``).  In deployment the SuperLink answers a message whose TTL has passed with an error
+  (``MESSAGE_EXPIRED_CODE``) in place of the reply; that answer counts as no reply, not as a failure of its own.
 - **Screening**: a reply is averaged only if it has no error, holds exactly the shared keys, shapes
   and dtypes, finite floating values and a positive weight.  Every other sampled camera is a
   ``Failure``, logged with its reason; ``recurring`` failures (the ClientApp raised or replied with
@@ -49,6 +51,9 @@ WEIGHT_KEY = "num-examples"
 # unknown) is treated as transient.
 APP_FAILURE_CODES = {1: "the ClientApp could not be loaded", 2: "the ClientApp raised an exception",
                      6: "a ClientApp mod refused the message", 7: "the app bundle is invalid"}
+# ErrorCode.MESSAGE_UNAVAILABLE: the SuperLink's answer for a message it no longer holds; once the message's TTL
+# (round-timeout) has passed, that means the node did not reply in time.
+MESSAGE_EXPIRED_CODE = 3
 RECURRING = ("raised", "rejected")  # Failure kinds that recur when the round is repeated
 
 
@@ -153,14 +158,16 @@ class CameraFedAvg(Strategy):
         """
         pushed = list(grid.push_messages(messages))
         pending = {mid: m.metadata.dst_node_id for mid, m in zip(pushed, messages) if mid}
+        expires = {mid: m.metadata.created_at + m.metadata.ttl for mid, m in zip(pushed, messages) if mid}
         not_pushed = [m.metadata.dst_node_id for mid, m in zip(pushed, messages) if not mid]
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         replies: dict[int, Message] = {}
         while pending:
             for reply in grid.pull_messages(list(pending)):
-                node = pending.pop(reply.metadata.reply_to_message_id, None)
-                if node is not None:
-                    replies[node] = reply
+                mid = reply.metadata.reply_to_message_id
+                if mid not in pending or (self.timeout and expired_in_place_of_reply(reply, expires[mid])):
+                    continue  # a camera whose message expired stays pending: no reply within round-timeout
+                replies[pending.pop(mid)] = reply
             left = None if deadline is None else deadline - time.monotonic()
             if not pending or (left is not None and left <= 0):
                 break
@@ -258,6 +265,11 @@ class CameraFedAvg(Strategy):
                  "round-timeout %s, aggregation %s, transport %s", self.fraction_train, self.min_train_nodes,
                  self.min_available_nodes, f"{self.timeout:g} s" if self.timeout else "none", self.aggregation,
                  self.transport)
+
+
+def expired_in_place_of_reply(reply: Message, expires_at: float) -> bool:
+    """True for the SuperLink's error answer to a message whose TTL (unix time ``expires_at``) has passed."""
+    return reply.has_error() and reply.error.code == MESSAGE_EXPIRED_CODE and time.time() >= expires_at
 
 
 def sample_score(seed: int, server_round: int, partition_id: int) -> int:
