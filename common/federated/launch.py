@@ -9,6 +9,8 @@ paths in the run config resolve there), runs ``flwr run <app> <connection> --str
 virtual SuperNode per camera and ``cpus-per-client`` CPUs each, reports the run's final status and
 stops every process it started.  ``flwr run`` exits with 0 even when the ServerApp raised; ``federate``
 returns 1 unless the run's status is ``finished:completed`` and the ServerApp wrote no ``failure.json``.
+SIGTERM or SIGINT (Ctrl-C) stops the processes it started as well, and ``federate`` then returns 128 + the
+signal number (143 for SIGTERM, 130 for SIGINT).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from common.data.partition import partition_by_camera
 from common.federated.data import load_node_dataset
 from common.federated.server import FAILURE_FILE
 from common.pipeline import check_post_inputs
-from common.rundir import check_run_folder
+from common.rundir import CHECKPOINT, check_run_folder
 
 CONNECTION = "camfed-local"
 STARTUP_TIMEOUT = 60.0
@@ -121,11 +123,72 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived while ``federate`` ran.  A KeyboardInterrupt, so that no ``except Exception``
+    on the way up swallows it and every ``finally`` (the processes' cleanup) runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopOnSignals:
+    """While active, SIGTERM and SIGINT raise :class:`Stopped` in the main thread.
+
+    The processes ``federate`` starts live in their own sessions (so that a terminal's Ctrl-C reaches only
+    camfed, which then stops them in order), and Python's default SIGTERM ends the interpreter without running
+    any ``finally``: without this, SIGTERM left the SuperLink, its SuperExec and ``flwr run`` running.  The
+    first signal counts; later ones are ignored while the processes stop, and one that arrives while a
+    process tree is being stopped is only noted in ``received``, so that no cleanup is cut short.  Signals the
+    caller ignores (SIG_IGN, e.g. SIGINT of a background job) stay ignored; off the main thread this does
+    nothing, as Python allows signal handlers only there.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopOnSignals":
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                previous = signal.getsignal(signum)
+                if previous is not signal.SIG_IGN:
+                    self._previous[signum] = previous
+                    signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if previous is None else previous)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None:
+            return
+        self.received = signum
+        if not _stopping:
+            raise Stopped(signum)
+
+
+_stopping = 0  # stop_process_tree calls under way (StopOnSignals does not interrupt them)
+
+
 def stop_process_tree(process: subprocess.Popen, grace: float = 15.0) -> None:
     """SIGTERM ``process`` (started with ``start_new_session=True``), its group and its descendants; SIGKILL
     whatever is left after ``grace`` seconds."""
+    global _stopping
     if process.poll() is not None:
         return
+    _stopping += 1
+    try:
+        _stop_tree(process, grace)
+    finally:
+        _stopping -= 1
+
+
+def _stop_tree(process: subprocess.Popen, grace: float) -> None:
     tree = descendants(process.pid)
     for sig in (signal.SIGTERM, signal.SIGKILL):
         _signal_all(process, tree, sig)
@@ -253,11 +316,21 @@ def federate(run_config: str = "", app_dir: str | Path = ".", cpus_per_client: i
     print(f"camfed federate: {clients} cameras, {config.num_server_rounds} rounds of '{config.method}', "
           f"output in {output_dir}", flush=True)
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="camfed-flwr-home-") as home:
-        flwr_home = Path(home)
-        with local_superlink(flwr_home, output_dir / "superlink.log", cwd=Path.cwd()):
-            run_id, _ = flwr_run(app_dir, flwr_home, run_config, federation, timeout=timeout)
-            status = run_status(flwr_home, run_id) if run_id is not None else "not started"
+    with StopOnSignals() as signals:
+        try:
+            with tempfile.TemporaryDirectory(prefix="camfed-flwr-home-") as home:
+                flwr_home = Path(home)
+                with local_superlink(flwr_home, output_dir / "superlink.log", cwd=Path.cwd()):
+                    run_id, _ = flwr_run(app_dir, flwr_home, run_config, federation, timeout=timeout)
+                    status = run_status(flwr_home, run_id) if run_id is not None else "not started"
+        except Stopped:
+            pass  # the with blocks above have stopped every process on the way out
+    if signals.received is not None:
+        checkpoint = output_dir / CHECKPOINT
+        hint = f"; checkpoint at {checkpoint} - resume with resume=true" if checkpoint.is_file() else ""
+        print(f"camfed federate: stopped by {signal.Signals(signals.received).name}; the SuperLink and flwr run "
+              f"it started are stopped{hint}", file=sys.stderr, flush=True)
+        return 128 + signals.received
     failure = run_failure(output_dir, since=started)
     if status != "finished:completed" or failure:
         print(f"camfed federate: run {run_id} {status}{': ' + failure if failure else ''}; see the messages above "
