@@ -70,7 +70,7 @@ def test_bad_calr_keys_name_the_key():
         load_config({"calr-max-distance": 1.5})
 
 
-def _shuffled_identities(dataset):
+def shuffled_identities(dataset):
     rng = np.random.default_rng(7)
     pids = rng.permutation([r.pid for r in dataset.train])
     train = [ImageRecord(r.path, int(p), r.camid) for r, p in zip(dataset.train, pids)]
@@ -89,7 +89,7 @@ def test_centralized_calr_never_reads_identity_labels(tiny_run_config, tmp_path,
         if name == "shuffled":
             original = calr.load_dataset
             monkeypatch.setattr(calr, "load_dataset",
-                                lambda config, original=original: _shuffled_identities(original(config)))
+                                lambda config, original=original: shuffled_identities(original(config)))
         out = tmp_path / name
         records = train_centralized(load_config({**tiny_run_config, **TINY_CALR, "output-dir": str(out)}))
         assert [r["epoch"] for r in records] == [1, 2] and all(0 <= r["mAP"] <= 1 for r in records)
@@ -238,25 +238,3 @@ def test_calr_federation_sharing_centroids_trains_across_cameras(tiny_run_config
     assert all(r["clients"] == 3 and r["calr_clusters"] >= 1 for r in (first, second))
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=False)
     assert checkpoint["method"] == "calr" and "gem.p" in checkpoint["model"]
-
-
-@pytest.mark.slow
-def test_calr_sharing_centroids_with_real_processes(tiny_run_config, tmp_path):
-    """SuperLink + one SuperNode per camera (separate ClientApp processes): two rounds of federated CALR with
-    centroid sharing; the second round trains against the server's cross-camera clusters."""
-    from test_federation_deployment import CAMERAS, ROOT, deployment
-
-    from common.config import write_run_config
-    from common.federated.launch import flwr_run, run_status
-
-    values = {**tiny_run_config, "method": "calr", "calr-share-centroids": True, "calr-max-distance": 1.0,
-              "min-available-clients": CAMERAS, "min-train-clients": CAMERAS}
-    with deployment(tmp_path) as (flwr_home, _, _, _):
-        run_id, output = flwr_run(ROOT, flwr_home, str(write_run_config(tmp_path / "run.toml", values)),
-                                  timeout=600, echo=False)
-        assert run_id is not None, output
-        assert run_status(flwr_home, run_id) == "finished:completed", output[-3000:]
-    out = Path(values["output-dir"])
-    first, second = [json.loads(line) for line in (out / "rounds.jsonl").read_text().splitlines()]
-    assert (first["clients"], second["clients"]) == (CAMERAS, CAMERAS)
-    assert first["calr_cross_camera_clusters"] >= 1 and second["calr_cross_camera"] > 0
