@@ -1,4 +1,4 @@
-"""FedAvg, FedPav-style (Zhuang et al., *Performance Optimization of Federated Person Re-identification via
+"""FedAvg, FedPav-style (Zhuang et al., *Performance Optimization for Federated Person Re-identification via
 Benchmark Analysis*, ACM MM 2020, https://arxiv.org/abs/2008.11560): clients share backbone + BNNeck and keep
 their classifiers."""
 
