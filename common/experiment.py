@@ -8,7 +8,7 @@ with its own overrides (e.g. ``--method centralized-calr="method='calr'"``: CALR
 Layout of ``--out DIR``::
 
     DIR/experiment.json          the grid's base config, its runs' results and the statistics
-    DIR/experiment.md            the same as tables
+    DIR/experiment.md            the same as tables (with clothes ids: each evaluation protocol's too)
     DIR/experiment.png           mAP per round of every method: mean over seeds, 95 % band
     DIR/runs/<method>/seed-<s>/  one run folder (metrics.jsonl, rounds.jsonl, checkpoint.pt, result.json)
 
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from common.config import Config, ConfigError, load_config, parse_run_config
+from common.config import CHOICES, Config, ConfigError, load_config, parse_run_config
 from common.rundir import CHECKPOINT, METRICS_FILE, read_jsonl
 
 # method name → run-config overrides ("centralized" is the centralized upper bound)
@@ -61,6 +61,8 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 REFERENCE = "fedavg"
 METRICS = ("mAP", "rank1", "mINP")
+# each evaluation protocol's mAP / rank-1, in evaluation records of datasets with clothes ids (common.engine)
+PROTOCOL_METRICS = tuple(f"{p.replace('-', '_')}_{m}" for p in CHOICES["eval_protocol"] for m in ("mAP", "rank1"))
 RESULT_FILE = "result.json"
 # keys of the base config that may differ between invocations on one grid (where and how fast it runs)
 FREE_KEYS = {"device", "num-workers", "output-dir", "state-dir", "cache-dir", "resume", "overwrite"}
@@ -134,6 +136,23 @@ def run_one(config: Config, centralized: bool) -> list[dict]:
     return read_jsonl(Path(config.output_dir) / METRICS_FILE)
 
 
+def final_metrics(evaluation: Mapping[str, Any]) -> dict[str, float]:
+    """What a result keeps of a run's last evaluation record: ``METRICS`` and the ``PROTOCOL_METRICS`` it has."""
+    return {k: evaluation[k] for k in METRICS + PROTOCOL_METRICS if k in evaluation}
+
+
+def complete_result(folder: Path, config: Config, overrides: Mapping[str, Any]) -> None:
+    """Add to a finished run's ``result.json`` what an older version of the runner did not store: PEM
+    diagnostics, and the protocol metrics of its last evaluation record (``metrics.jsonl``)."""
+    result = json.loads((folder / RESULT_FILE).read_text())
+    records = read_jsonl(folder / METRICS_FILE)
+    missing = {k: v for k, v in final_metrics(records[-1]).items() if k not in result} if records else {}
+    if uses_pem(overrides) and "diagnostics" not in result:
+        missing["diagnostics"] = diagnose(config)
+    if missing:
+        (folder / RESULT_FILE).write_text(json.dumps({**result, **missing}, indent=2))
+
+
 def uses_pem(overrides: Mapping[str, Any]) -> bool:
     """Whether a method's runs train a PEM (so ``common.diagnostics.pem_diagnostics`` applies)."""
     return overrides.get("method") == "pem" and overrides.get("pem-variant", "full") != "baseline"
@@ -176,10 +195,7 @@ def run_grid(base: Config, methods: Mapping[str, Mapping[str, Any]], seeds: list
         config = run_config_of(base, methods[spec.method], spec, root)
         if (folder / RESULT_FILE).is_file():
             print(f"[{number}/{len(specs)}] {spec.method} seed {spec.seed}: finished before, kept", flush=True)
-            result = json.loads((folder / RESULT_FILE).read_text())
-            if uses_pem(methods[spec.method]) and "diagnostics" not in result:
-                result["diagnostics"] = diagnose(config)
-                (folder / RESULT_FILE).write_text(json.dumps(result, indent=2))
+            complete_result(folder, config, methods[spec.method])
             continue
         print(f"[{number}/{len(specs)}] {spec.method} seed {spec.seed}: training in {folder}", flush=True)
         began = time.monotonic()
@@ -187,7 +203,7 @@ def run_grid(base: Config, methods: Mapping[str, Mapping[str, Any]], seeds: list
         if not evaluations:
             raise RuntimeError(f"run {spec.method} seed {spec.seed} wrote no evaluation in {folder / METRICS_FILE}")
         result = {"method": spec.method, "seed": spec.seed, "overrides": dict(methods[spec.method]),
-                  **{k: evaluations[-1][k] for k in METRICS}, "seconds": time.monotonic() - began,
+                  **final_metrics(evaluations[-1]), "seconds": time.monotonic() - began,
                   "seconds_per_round": round_seconds(folder),
                   "curve": [{"round": e["round"], "mAP": e["mAP"]} for e in evaluations]}
         if uses_pem(methods[spec.method]):
@@ -219,20 +235,26 @@ def mean_interval(values: list[float]) -> dict[str, float]:
     return {"n": n, "mean": mean, "std": std, "ci95": t_quantile_975(n - 1) * std / math.sqrt(n)}
 
 
+def reported_metrics(results: list[dict]) -> tuple[str, ...]:
+    """``METRICS``, plus the ``PROTOCOL_METRICS`` that every result has (datasets with clothes ids)."""
+    return METRICS + tuple(k for k in PROTOCOL_METRICS if results and all(k in r for r in results))
+
+
 def summarize(results: list[dict]) -> dict:
-    """Per-method intervals of each metric and paired differences to ``fedavg`` (same seed)."""
+    """Per-method intervals of each reported metric and paired differences to ``fedavg`` (same seed)."""
+    metrics = reported_metrics(results)
     methods = list(dict.fromkeys(r["method"] for r in results))
     by = {(r["method"], r["seed"]): r for r in results}
     summary: dict[str, dict] = {}
     for method in methods:
         runs = [r for r in results if r["method"] == method]
-        entry = {metric: mean_interval([r[metric] for r in runs]) for metric in METRICS}
+        entry = {metric: mean_interval([r[metric] for r in runs]) for metric in metrics}
         seeds = [r["seed"] for r in runs if (REFERENCE, r["seed"]) in by]
         if method != REFERENCE and seeds:
             entry["paired"] = {
                 metric: {**mean_interval([by[(method, s)][metric] - by[(REFERENCE, s)][metric] for s in seeds]),
                          "per_seed": {str(s): by[(method, s)][metric] - by[(REFERENCE, s)][metric] for s in seeds}}
-                for metric in METRICS}
+                for metric in metrics}
         summary[method] = entry
     return summary
 
@@ -298,8 +320,30 @@ def markdown(content: dict) -> str:
         per_seed = ", ".join(f"{100 * v:+.2f}" for v in paired["mAP"]["per_seed"].values())
         lines.append(f"| {method} | {paired['mAP']['n']} | {_pct(paired['mAP'])} | {_pct(paired['rank1'])} | "
                      f"{_pct(paired['mINP'])} | {per_seed} | {verdict(paired['mAP'])} |")
+    lines += protocols_markdown(content["summary"])
     lines += diagnostics_markdown(content["results"])
     return "\n".join(lines) + "\n"
+
+
+def protocols_markdown(summary: dict) -> list[str]:
+    """Each evaluation protocol's mAP / rank-1 per method and paired Δ mAP to FedAvg (clothes ids only)."""
+    protocols = [p for p in CHOICES["eval_protocol"]
+                 if any(f"{p.replace('-', '_')}_mAP" in entry for entry in summary.values())]
+    if not protocols:
+        return []
+    keys = [p.replace("-", "_") for p in protocols]
+    lines = ["", "## Per evaluation protocol (mean ± 95 % CI over seeds; paired Δ mAP to "
+             f"{REFERENCE} with its verdict)", "",
+             "| method | " + " | ".join(f"{p} mAP | {p} rank-1 | Δ {p} mAP | verdict" for p in protocols) + " |",
+             "|---|" + "---:|---:|---:|---|" * len(protocols)]
+    for method, entry in summary.items():
+        cells = []
+        for key in keys:
+            paired = entry.get("paired", {}).get(f"{key}_mAP")
+            cells += [_pct(entry[f"{key}_mAP"]), _pct(entry[f"{key}_rank1"]),
+                      _pct(paired) if paired else "", verdict(paired) if paired else ""]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
 
 
 DIAGNOSTICS = (("attention_channel_std", "A spread over channels"), ("attention_image_std", "A spread over images"),

@@ -84,3 +84,43 @@ def test_intervals_and_paired_differences_by_hand():
     assert verdict({"n": 3, "mean": 0.02, "ci95": 0.0025}) == "better"
     assert verdict({"n": 3, "mean": -0.02, "ci95": 0.0025}) == "worse"
     assert verdict({"n": 1, "mean": 0.02, "ci95": math.nan}) == "too few seeds"
+
+
+def test_protocol_metrics_are_kept_reported_and_filled_in_for_older_results(tiny_run_config, tmp_path, monkeypatch):
+    from common import experiment
+    from common.rundir import METRICS_FILE
+
+    def record(mAP, cc_mAP):
+        return {"round": 1, "mAP": mAP, "rank1": mAP, "mINP": mAP, "standard_mAP": mAP, "standard_rank1": mAP,
+                "cloth_changing_mAP": cc_mAP, "cloth_changing_rank1": cc_mAP}
+
+    values = {("fedavg", 0): (0.30, 0.10), ("fedavg", 1): (0.32, 0.12), ("fire2", 0): (0.31, 0.15),
+              ("fire2", 1): (0.33, 0.16)}
+
+    def fake_run(config, centralized):
+        folder = Path(config.output_dir)
+        folder.mkdir(parents=True)
+        evaluation = record(*values[(config.method, config.seed)])
+        (folder / METRICS_FILE).write_text(json.dumps(evaluation) + "\n")
+        return [evaluation]
+
+    monkeypatch.setattr(experiment, "run_one", fake_run)
+    base = load_config({**tiny_run_config, "num-server-rounds": 1})
+    out = tmp_path / "grid"
+    content = run_grid(base, parse_methods("fedavg,fire2"), [0, 1], out)
+    assert content["results"][0]["cloth_changing_mAP"] == pytest.approx(0.10)
+    paired = content["summary"]["fire2"]["paired"]["cloth_changing_mAP"]
+    assert paired["mean"] == pytest.approx(0.045) and paired["per_seed"] == pytest.approx({"0": 0.05, "1": 0.04})
+    table = (out / "experiment.md").read_text()
+    assert "| method | standard mAP | standard rank-1 | Δ standard mAP | verdict | cloth-changing mAP |" in table
+    # Δ cloth-changing mAP +5, +4 points: 4.50 ± 12.706 · 0.707 / √2 = 4.50 ± 6.35, an interval containing 0
+    assert ("| fire2 | 32.00 ± 12.71 | 32.00 ± 12.71 | 1.00 ± 0.00 | better | 15.50 ± 6.35 | 15.50 ± 6.35 | "
+            "4.50 ± 6.35 | within noise |") in table
+
+    # a result written before protocol metrics were kept: filled in from the run's metrics.jsonl, never retrained
+    older = out / "runs" / "fire2" / "seed-0" / "result.json"
+    stripped = {k: v for k, v in json.loads(older.read_text()).items() if not k.startswith(("standard", "cloth"))}
+    older.write_text(json.dumps(stripped))
+    monkeypatch.setattr(experiment, "run_one", lambda config, centralized: pytest.fail("retrained"))
+    run_grid(base, parse_methods("fedavg,fire2"), [0, 1], out)
+    assert json.loads(older.read_text())["cloth_changing_mAP"] == pytest.approx(0.15)
