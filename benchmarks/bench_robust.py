@@ -1,76 +1,133 @@
-"""Robust aggregation against one faulty camera: final mAP of mean, median and trimmed mean (issue 14.5).
+"""Robust aggregation against one faulty camera: mean, median and trimmed mean, paired over seeds (issue 14.5).
 
-Runs, on the in-process grid with the real ClientApp, for every seed (paired: same partitions and initial
-weights): ``honest-mean`` (no fault, ``aggregation = "mean"``) and ``scaled-<rule>`` for each rule, where the
-camera of partition 0 replies its trained shared weights multiplied by ``--scale`` (a camera gone wrong:
-the kind of reply ``CameraFedAvg``'s screening cannot tell from a real one, as it is finite and conforming).
-Prints one JSON object per run and a Markdown table: mAP per seed, mean, and the paired difference to
-``honest-mean``.  Example (the table in benchmarks/RESULTS.md)::
+The conditions are ``camfed experiment`` methods (``common.experiment``'s runner: in-process grid, real
+ClientApp, paired seeds, 95 % t intervals), so the grid can also run as plain ``camfed experiment`` jobs::
 
-    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_robust.py --out /tmp/robust --seeds 0,1 \\
-        --run-config "synth-ids=24 synth-cameras=3 height=64 width=32 num-server-rounds=3 local-epochs=1"
+    fedavg                 honest cameras, aggregation = "mean" (the experiment's paired reference)
+    honest-median          aggregation = "median"
+    honest-trimmed         aggregation = "trimmed-mean", trim-fraction = --trim-fraction
+    x<S>-mean / -median / -trimmed   the same three with fault-injection-scale = S (--scale): the camera of
+                           partition 0 replies its trained shared weights × S every round, a camera gone wrong
+                           that screening cannot see (finite, conforming; common.federated.client.inject_fault)
+
+``camfed experiment`` pairs every condition with ``fedavg``; this script adds the contrasts that answer the
+question (``contrasts``): the fault's damage under each rule (x<S>-R − honest-R) and what each robust rule saves
+under the fault (x<S>-R − x<S>-mean), with the same statistics (``mean_interval``, ``verdict``).  Run the grid and
+print both::
+
+    OMP_NUM_THREADS=1 nice -n 5 python benchmarks/bench_robust.py --out /tmp/robust --seeds 0,1,2 \\
+        --run-config configs/experiment-market-dev-short.toml --trim-fraction 0.2
+
+or, when the runs were made by ``camfed experiment`` jobs into DIR (e.g. one job per condition and seed), only
+the report: ``python benchmarks/bench_robust.py --out DIR --report-only --scale 5``.  With 6 cameras a trim
+fraction of 0.2 drops 1 value at each end (⌊1.2⌋); with 3 cameras 0.25 drops none (the server says so).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from camfed.inprocess import InProcessGrid  # noqa: E402  (after the path set-up)
-from client.app import app as client_app  # noqa: E402
-from common.config import load_config, parse_run_config  # noqa: E402
-from common.experiment import RunSpec, mean_interval, parse_seeds, run_config_of  # noqa: E402
-from common.federated.arrays import arrays_to_state, state_to_arrays  # noqa: E402
-from common.federated.server import run_federation  # noqa: E402
-from common.rundir import METRICS_FILE, read_jsonl  # noqa: E402
+from common.config import load_config, parse_run_config  # noqa: E402  (after the path set-up)
+from common.experiment import (  # noqa: E402
+    REFERENCE,
+    collect_results,
+    markdown,
+    mean_interval,
+    parse_seeds,
+    run_grid,
+    verdict,
+)
 
-RULES = ("mean", "median", "trimmed-mean")
+RULES = ("mean", "median", "trimmed")
+HONEST = {"mean": REFERENCE, "median": "honest-median", "trimmed": "honest-trimmed"}
 
 
-def scaling_camera(scale: float, transport: str):
-    """The ClientApp, except that partition 0 replies its shared weights × ``scale`` (integer buffers kept)."""
-    def client(message, context):
-        reply = client_app(message, context)
-        if int(context.node_config["partition-id"]) != 0 or reply.has_error():
-            return reply
-        state = arrays_to_state(reply.content["arrays"], widen=True)
-        state = {k: v * scale if v.is_floating_point() else v for k, v in state.items()}
-        reply.content["arrays"] = state_to_arrays(state, transport)
-        return reply
-    return client
+def faulty(rule: str, scale: float) -> str:
+    """The name of the condition with the faulty camera under ``rule``: x5-mean, x5-median, x5-trimmed."""
+    return f"x{scale:g}-{rule}"
+
+
+def conditions(scale: float, trim_fraction: float) -> dict[str, dict]:
+    """Condition name → run-config overrides (``camfed experiment`` methods)."""
+    rules = {"mean": {"aggregation": "mean"}, "median": {"aggregation": "median"},
+             "trimmed": {"aggregation": "trimmed-mean", "trim-fraction": trim_fraction}}
+    honest = {HONEST[rule]: {"method": "fedavg", **overrides} for rule, overrides in rules.items()}
+    hit = {faulty(rule, scale): {"method": "fedavg", **overrides, "fault-injection-scale": scale}
+           for rule, overrides in rules.items()}
+    return {**honest, **hit}
+
+
+def method_argument(name: str, overrides: dict) -> str:
+    """``camfed experiment``'s ``--method`` value for a condition: ``name="key=value ..."`` (strings single-quoted,
+    so the whole fits in double quotes on a shell command line)."""
+    values = " ".join(f"{k}='{v}'" if isinstance(v, str) else f"{k}={str(v).lower() if isinstance(v, bool) else v!r}"
+                      for k, v in overrides.items())
+    return f'{name}="{values}"'
+
+
+def contrasts(results: list[dict], scale: float) -> list[dict]:
+    """Paired mAP contrasts (same seeds) between conditions of ``results`` (``camfed experiment`` result dicts):
+    the fault's damage under each rule, and each robust rule's gain over the mean under the fault.  Each entry:
+    ``label``, ``minuend``, ``subtrahend``, ``per_seed`` (fractions), the ``mean_interval`` and ``verdict``."""
+    by = {(r["method"], r["seed"]): r["mAP"] for r in results}
+    pairs = [(f"damage of the ×{scale:g} camera under {rule}", faulty(rule, scale), HONEST[rule]) for rule in RULES]
+    pairs += [(f"{rule} instead of mean under the ×{scale:g} camera", faulty(rule, scale), faulty("mean", scale))
+              for rule in RULES[1:]]
+    pairs += [(f"{rule} instead of mean, honest cameras", HONEST[rule], REFERENCE) for rule in RULES[1:]]
+    found = []
+    for label, minuend, subtrahend in pairs:
+        seeds = sorted(s for m, s in by if m == minuend and (subtrahend, s) in by)
+        if not seeds:
+            continue
+        per_seed = {s: by[(minuend, s)] - by[(subtrahend, s)] for s in seeds}
+        stats = mean_interval(list(per_seed.values()))
+        found.append({"label": label, "minuend": minuend, "subtrahend": subtrahend, "per_seed": per_seed,
+                      **stats, "verdict": verdict(stats)})
+    return found
+
+
+def contrasts_markdown(found: list[dict]) -> str:
+    lines = ["| contrast | Δ mAP (pp, mean ± 95 % CI) | seeds | per seed | verdict |", "|---|---:|---:|---|---|"]
+    for c in found:
+        interval = f"{100 * c['mean']:+.2f}" + ("" if c["n"] < 2 else f" ± {100 * c['ci95']:.2f}")
+        per_seed = ", ".join(f"{100 * v:+.2f}" for v in c["per_seed"].values())
+        lines.append(f"| {c['label']} ({c['minuend']} − {c['subtrahend']}) | {interval} | {c['n']} | {per_seed} | "
+                     f"{c['verdict']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run-config", default="", help="base run config (TOML file or \"key=value ...\")")
-    parser.add_argument("--seeds", default="0,1")
-    parser.add_argument("--scale", type=float, default=5.0)
-    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--scale", type=float, default=5.0, help="fault-injection-scale of the faulty camera")
+    parser.add_argument("--trim-fraction", type=float, default=0.2)
+    parser.add_argument("--conditions", default="", help="comma-separated subset of the conditions (default all)")
+    parser.add_argument("--out", type=Path, help="the experiment folder (camfed experiment layout)")
+    parser.add_argument("--report-only", action="store_true", help="print the contrasts of the runs in --out")
+    parser.add_argument("--print-methods", action="store_true",
+                        help="print camfed experiment's --method argument of each condition and exit")
     args = parser.parse_args()
-    base = load_config(parse_run_config(args.run_config))
-    cameras = base.synth_cameras
-    conditions = {"honest-mean": ("mean", None), **{f"scaled-{rule}": (rule, args.scale) for rule in RULES}}
-    results: dict[str, dict[int, float]] = {name: {} for name in conditions}
-    for seed in parse_seeds(args.seeds):
-        for name, (rule, scale) in conditions.items():
-            config = run_config_of(base, {"aggregation": rule}, RunSpec(name, seed), args.out)
-            client = client_app if scale is None else scaling_camera(scale, config.transport_dtype)
-            run_federation(InProcessGrid(client, cameras, config.to_run_config()), config)  # resumes a finished run
-            final = read_jsonl(Path(config.output_dir) / METRICS_FILE)[-1]
-            results[name][seed] = final["mAP"]
-            print(json.dumps({"condition": name, "seed": seed, "mAP": final["mAP"], "rank1": final["rank1"]}),
-                  flush=True)
-    print("\n| condition | mAP per seed (%) | mean mAP (%) | paired Δ to honest-mean (pp, ± 95 % CI) |\n"
-          "|---|---|---|---|")
-    for name, per_seed in results.items():
-        delta = mean_interval([100 * (per_seed[s] - results["honest-mean"][s]) for s in per_seed])
-        print(f"| {name} | {', '.join(f'{100 * v:.2f}' for v in per_seed.values())} | "
-              f"{100 * sum(per_seed.values()) / len(per_seed):.2f} | {delta['mean']:+.2f} ± {delta['ci95']:.2f} |")
+    methods = conditions(args.scale, args.trim_fraction)
+    chosen = [name.strip() for name in args.conditions.split(",") if name.strip()] or list(methods)
+    unknown = sorted(set(chosen) - set(methods))
+    if unknown:
+        parser.error(f"--conditions: unknown {unknown}; known: {list(methods)}")
+    if args.print_methods:
+        print("\n".join(method_argument(name, methods[name]) for name in chosen))
+        return
+    if args.out is None:
+        parser.error("--out is required")
+    if not args.report_only:
+        base = load_config(parse_run_config(args.run_config))
+        content = run_grid(base, {name: methods[name] for name in chosen}, parse_seeds(args.seeds), args.out)
+        print(markdown(content), flush=True)
+    print(contrasts_markdown(contrasts(collect_results(args.out), args.scale)), flush=True)
 
 
 if __name__ == "__main__":

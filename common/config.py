@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -126,10 +127,16 @@ class Config:
     trim_fraction: float = 0.25  # trimmed-mean: share of cameras dropped at each end per coordinate, in [0, 0.5)
     dp_clip_norm: float = 0.0  # > 0: each camera clips its update's L2 norm to this (common/federated/privacy.py)
     dp_noise_multiplier: float = 0.0  # σ: each camera adds N(0, (σ·dp-clip-norm)²) to every coordinate of its update
+    # each camera reports its update's L2 norm before clipping (metric update-norm; rounds.jsonl: median, max, share
+    # clipped); with dp-clip-norm that scalar is sent without noise, outside the DP guarantee (docs/federation.md)
+    report_update_norm: bool = True
     prox_mu: float = 0.01
     moon_mu: float = 1.0  # weight of MOON's model-contrastive loss
     moon_temperature: float = 0.5
     state_dir: str = ""  # client private state; empty = <output_dir>/client-state
+    # FAULT INJECTION, for benchmarks only (benchmarks/bench_robust.py): != 0 makes the camera of partition 0 reply
+    # its shared weights × this every round (a camera gone wrong); 0 = off.  Never set it in a real federation
+    fault_injection_scale: float = 0.0
     # PEM (method = "pem")
     pem_variant: str = "full"
     pem_mask: bool = True
@@ -231,6 +238,8 @@ class Config:
             raise ConfigError(f"config key 'fraction-train' must be in (0, 1], got {self.fraction_train}")
         if not 0.0 <= self.trim_fraction < 0.5:
             raise ConfigError(f"config key 'trim-fraction' must be in [0, 0.5), got {self.trim_fraction}")
+        if not math.isfinite(self.fault_injection_scale):
+            raise ConfigError(f"config key 'fault-injection-scale' must be finite, got {self.fault_injection_scale}")
         noise_without_clip = self.dp_noise_multiplier and not self.dp_clip_norm
         if self.dp_clip_norm < 0 or self.dp_noise_multiplier < 0 or noise_without_clip:
             raise ConfigError("config keys 'dp-clip-norm' and 'dp-noise-multiplier' must be >= 0, and noise needs a "

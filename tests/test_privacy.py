@@ -29,6 +29,8 @@ ALLOWED_METRICS |= {"seconds_local", "moon"}  # seconds of the local training st
 ALLOWED_METRICS |= {"pem_pose", "pem_cycle", "pem_grad_ratio", "pem_attention_std", "pem_attention_image_std",
                     "seconds_expert", "seconds_pem_maps", "seconds_pem"}
 ALLOWED_METRICS |= {"ffm", "far", "fire2_fine_ids"}  # FIRe²: its two losses, the camera's number of fine-grained ids
+# the update's L2 norm before DP clipping, and whether it was clipped (report-update-norm; docs/federation.md)
+ALLOWED_METRICS |= {"update-norm", "update-clipped"}
 
 
 def assert_only_shared_weights_and_scalars(reply: Message, shared: dict[str, torch.Tensor],

@@ -8,7 +8,8 @@ The classifier and any other private state go to the camera's state directory in
 travel in ``transport-dtype`` both ways and are trained in float32.
 
 ``hold_reply`` is a fault-injection hook for tests only (``CAMFED_TEST_HOLD_REPLY``); it does nothing unless
-that variable is set in the SuperNode's environment.
+that variable is set in the SuperNode's environment.  ``inject_fault`` is the benchmarks' fault injection
+(config key ``fault-injection-scale``, 0 = off): the camera of partition 0 replies its weights scaled.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from common.config import Config, ConfigError, load_config
 from common.engine import derived_seed, resolve_device
-from common.federated.arrays import arrays_to_state, conformity_error, signature, state_to_arrays
+from common.federated.arrays import StateDict, arrays_to_state, conformity_error, signature, state_to_arrays
 from common.federated.data import camera_partition, load_node_dataset, with_absolute_paths
-from common.federated.privacy import privatize
+from common.federated.privacy import privatize, update_report
 from common.federated.state import PrivateStateStore, state_dir
 from common.methods import LocalJob, get_method
 
@@ -95,13 +96,26 @@ def train(message: Message, context: Context) -> Message:
     store.save(result.private, run_tag, server_round)
     metrics = MetricRecord({**{k: float(v) for k, v in result.metrics.items()},
                             "local-seconds": local_seconds, "num-examples": int(result.num_examples),
-                            "camera": int(partition.camid)})
-    shared_out = state_to_arrays(privatize(shared_in, result.shared, config), config.transport_dtype)
+                            "camera": int(partition.camid), **update_report(shared_in, result.shared, config)})
+    shared_out = privatize(shared_in, result.shared, config)
+    shared_out = state_to_arrays(inject_fault(shared_out, config, partition_id, server_round), config.transport_dtype)
     content = RecordDict({ARRAYS: shared_out, METRICS: metrics})
     if result.upload:
         content[UPLOAD] = state_to_arrays(result.upload)
     hold_reply(partition_id, server_round)
     return Message(content, reply_to=message)
+
+
+def inject_fault(shared: StateDict, config: Config, partition_id: int, server_round: int) -> StateDict:
+    """Fault injection for benchmarks only (``fault-injection-scale`` s ≠ 0): partition 0 replies ``shared`` with
+    every floating tensor × s (integer buffers as they are), after DP, so the reply is finite and conforming and
+    only the aggregation rule can limit it (benchmarks/bench_robust.py).  Every other partition, and s = 0: as is."""
+    scale = config.fault_injection_scale
+    if not scale or partition_id != 0:
+        return shared
+    LOG.warning("fault-injection-scale = %g: FAULT INJECTION (benchmarks only), partition 0 replies its round-%d "
+                "shared weights × %g", scale, server_round, scale)
+    return {k: v * scale if v.is_floating_point() else v for k, v in shared.items()}
 
 
 def hold_reply(partition_id: int, server_round: int, poll: float = 0.5) -> None:

@@ -19,10 +19,15 @@ that holds for ε < 1 only.  The server-side wrappers (``DifferentialPrivacyClie
 add the noise on the server, which must then be trusted; their ``aggregate_train`` skips a round when any
 reply is an error, undoing the fault tolerance of ``CameraFedAvg``, and size the noise for an unweighted
 mean over a fixed number of cameras, where ``CameraFedAvg`` weights by images and closes rounds at a timeout.
+
+``update_report`` gives the camera's pre-clip update norm (and whether it was clipped) for its reply's metrics
+(``report-update-norm``): a diagnostic for choosing C, sent without noise, so not covered by the guarantee.
+``gaussian_epsilon`` is the accountant: the exact ε of ``releases`` Gaussian releases at a given δ.
 """
 
 from __future__ import annotations
 
+import math
 import secrets
 
 import torch
@@ -38,18 +43,81 @@ def privatize(received: StateDict, trained: StateDict, config: Config,
     ``dp-noise-multiplier``; ``trained`` itself when ``dp-clip-norm`` = 0.  ``generator``: for tests only."""
     if not config.dp_clip_norm:
         return trained
-    floating = [k for k, v in trained.items() if v.is_floating_point()]
-    update = {k: trained[k].to(torch.float64) - received[k].to(torch.float64) for k in floating}
-    norm = float(torch.sqrt(sum((u * u).sum() for u in update.values())))
+    update = _update(received, trained)
+    norm = _norm(update)
     scale = min(1.0, config.dp_clip_norm / norm) if norm > 0 else 1.0
     std = config.dp_noise_multiplier * config.dp_clip_norm
     if generator is None:
         generator = torch.Generator().manual_seed(secrets.randbits(63))
     result = dict(trained)
-    for key in floating:
+    for key in update:
         noise = torch.randn(update[key].shape, generator=generator, dtype=torch.float64) * std if std else 0.0
         value = received[key].to(torch.float64) + update[key] * scale + noise
         if key.endswith("running_var"):
             value = value.clamp(min=0.0)
         result[key] = value.to(trained[key].dtype)
     return result
+
+
+def _update(received: StateDict, trained: StateDict) -> StateDict:
+    """trained − received in float64, for every floating tensor (the update that DP clips)."""
+    return {k: trained[k].to(torch.float64) - received[k].to(torch.float64)
+            for k, v in trained.items() if v.is_floating_point()}
+
+
+def _norm(update: StateDict) -> float:
+    return float(torch.sqrt(sum(((u * u).sum() for u in update.values()), torch.zeros((), dtype=torch.float64))))
+
+
+def update_norm(received: StateDict, trained: StateDict) -> float:
+    """The L2 norm of the update ``trained − received`` over all floating tensors together (what ``privatize``
+    clips to ``dp-clip-norm``)."""
+    return _norm(_update(received, trained))
+
+
+def update_report(received: StateDict, trained: StateDict, config: Config) -> dict[str, float]:
+    """A camera's reply metrics about its update, before clipping and noise (``report-update-norm``; else {}):
+    ``update-norm``, and with ``dp-clip-norm`` > 0 ``update-clipped`` (1.0 when the norm exceeded it, else 0.0).
+
+    These scalars are sent as they are: with DP on they are not private (outside the (ε, δ) of the weights)."""
+    if not config.report_update_norm:
+        return {}
+    norm = update_norm(received, trained)
+    report = {"update-norm": norm}
+    if config.dp_clip_norm:
+        report["update-clipped"] = float(norm > config.dp_clip_norm)
+    return report
+
+
+def gaussian_delta(epsilon: float, mu: float) -> float:
+    """δ(ε) of a Gaussian mechanism whose sensitivity is ``mu`` noise standard deviations, exactly:
+    Φ(−ε/μ + μ/2) − e^ε Φ(−ε/μ − μ/2) (Balle & Wang, "Improving the Gaussian Mechanism for Differential Privacy:
+    Analytical Calibration and Optimal Denoising", ICML 2018; μ-GDP in Dong, Roth, Su, "Gaussian Differential
+    Privacy", JRSS-B 2022)."""
+    from scipy.special import log_ndtr
+
+    return math.exp(log_ndtr(-epsilon / mu + mu / 2)) - math.exp(epsilon + log_ndtr(-epsilon / mu - mu / 2))
+
+
+def gaussian_epsilon(noise_multiplier: float, releases: int, delta: float, sensitivity: float = 1.0) -> float:
+    """The smallest ε such that ``releases`` Gaussian releases, each with noise std ``noise_multiplier``·C and
+    sensitivity ``sensitivity``·C, are (ε, δ)-DP.  Exact, without subsampling: k releases of a μ-GDP mechanism
+    compose to √k·μ-GDP, μ = sensitivity / noise_multiplier (Dong, Roth, Su).
+
+    For a camera's replies in camfed (every round, all its images, no sampling): ``sensitivity`` = 1 compares
+    its clipped update with no update (add / remove, as DP-FedAvg papers count), 2 with the update of any other
+    images of the camera (replace: the honest bound for replies the server sees one by one).  ∞ without noise."""
+    if not 0 < delta < 1 or releases < 1 or sensitivity <= 0:
+        raise ValueError(f"gaussian_epsilon: need 0 < delta < 1, releases >= 1, sensitivity > 0 (got {delta}, "
+                         f"{releases}, {sensitivity})")
+    if noise_multiplier <= 0:
+        return math.inf
+    from scipy.optimize import brentq
+
+    mu = math.sqrt(releases) * sensitivity / noise_multiplier
+    if gaussian_delta(0.0, mu) <= delta:
+        return 0.0
+    high = 1.0
+    while gaussian_delta(high, mu) > delta:
+        high *= 2
+    return float(brentq(lambda e: gaussian_delta(e, mu) - delta, 0.0, high, xtol=1e-10, rtol=1e-12))

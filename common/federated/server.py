@@ -96,6 +96,10 @@ def run_federation(grid: Grid, config: Config) -> list[dict]:
     write_config_snapshot(config, out)
     for line in lr_schedule_lines(config, config.num_server_rounds, "round"):
         LOG.info("camfed: %s", line)
+    if config.fault_injection_scale:
+        LOG.warning("camfed: fault-injection-scale = %g: FAULT INJECTION (benchmarks only), the camera of partition 0 "
+                    "replies its shared weights × %g every round", config.fault_injection_scale,
+                    config.fault_injection_scale)
     if start >= config.num_server_rounds and not config.post_steps:
         LOG.info("camfed: %s holds all %d rounds, evaluated; nothing to do (raise 'num-server-rounds' to train on)",
                  out, config.num_server_rounds)

@@ -22,12 +22,16 @@ until all arrived or ``round-timeout`` expires → ``screen`` them → ``average
 - **Averaging**: by ``aggregation`` (``common.federated.aggregation``: sample-weighted mean, median or
   trimmed mean), in float64, in camera order, stored in float32, integer buffers stay integers; a round
   with fewer than ``min-train-clients`` usable replies leaves the global weights unchanged.
+- **Round metrics**: image-weighted means of the cameras' scalar metrics, ``clients``, and from the cameras'
+  pre-clip update norms (``report-update-norm``) their median and maximum and the share of cameras whose
+  update ``dp-clip-norm`` clipped (unweighted: one value per camera).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from typing import Iterable
@@ -44,6 +48,7 @@ from common.federated.client import ARRAYS, CONFIG, METRICS, PARTITION_KEY
 
 LOG = logging.getLogger("flwr.camfed")
 WEIGHT_KEY = "num-examples"
+NORM_KEY, CLIPPED_KEY = "update-norm", "update-clipped"  # a camera's pre-clip update norm, 1.0 if it was clipped
 
 # Codes of Flower's ``Error`` (``flwr.common.constant.ErrorCode``, which flwr does not export publicly; the
 # values are pinned by tests/test_federation.py) that mean the app itself failed on the node: the same
@@ -236,6 +241,7 @@ class CameraFedAvg(Strategy):
             return None, MetricRecord({"clients": len(usable)})
         weights = [float(m.content[METRICS][WEIGHT_KEY]) for m, _ in usable]
         metrics = weighted_metrics([m.content[METRICS] for m, _ in usable], weights)
+        metrics.update(update_norm_stats([m.content[METRICS] for m, _ in usable]))
         metrics["clients"] = len(usable)
         if self.aggregation == "trimmed-mean" and trimmed_count(len(usable), self.trim_fraction) == 0:
             LOG.warning("round %d: trim-fraction %g of %d cameras trims none: a plain (unweighted) mean",
@@ -279,8 +285,22 @@ def sample_score(seed: int, server_round: int, partition_id: int) -> int:
 
 
 def weighted_metrics(records: list[MetricRecord], weights: list[float]) -> dict[str, float]:
-    """Weighted means of the scalar metrics every record has (without the weight and the camera id)."""
-    keys = set.intersection(*(set(r) for r in records)) - {WEIGHT_KEY, "camera"}
+    """Weighted means of the scalar metrics every record has (without the weight, the camera id and the update
+    norms, which ``update_norm_stats`` summarises)."""
+    keys = set.intersection(*(set(r) for r in records)) - {WEIGHT_KEY, "camera", NORM_KEY, CLIPPED_KEY}
     total = sum(weights)
     return {k: sum(float(r[k]) * w for r, w in zip(records, weights)) / total
             for k in sorted(keys) if all(isinstance(r[k], (int, float)) for r in records)}
+
+
+def update_norm_stats(records: list[MetricRecord]) -> dict[str, float]:
+    """``update_norm_median`` and ``update_norm_max`` over the records with a pre-clip update norm, and
+    ``clipped_fraction`` over those that say whether it was clipped; {} for keys no record has."""
+    norms = sorted(float(r[NORM_KEY]) for r in records if NORM_KEY in r)
+    clipped = [float(r[CLIPPED_KEY]) for r in records if CLIPPED_KEY in r]
+    stats = {}
+    if norms:
+        stats["update_norm_median"], stats["update_norm_max"] = statistics.median(norms), norms[-1]
+    if clipped:
+        stats["clipped_fraction"] = sum(clipped) / len(clipped)
+    return stats
