@@ -12,6 +12,9 @@ Three commands (issue 14.5; docs/federation.md, Differential privacy on the came
 ``report DIR``        per run of a ``camfed experiment`` folder: C, σ, the share of clipped updates, the pre-clip
                       update norms, σ·√d (the per-camera noise norm in units of C, d = shared floating
                       coordinates) and ε; the accuracy and its paired difference are in DIR/experiment.md.
+                      A run that stopped (no ``result.json``: e.g. noise so large that the global model's
+                      features overflowed, which the evaluation refuses) is listed with its rounds so far,
+                      its last evaluation if any, and ``stopped``.
 
 Example (the DP jobs of benchmarks/RESULTS.md)::
 
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from common.federated.privacy import gaussian_epsilon  # noqa: E402  (after the path set-up)
-from common.rundir import CHECKPOINT, ROUNDS_FILE, read_jsonl  # noqa: E402
+from common.rundir import CHECKPOINT, METRICS_FILE, ROUNDS_FILE, read_jsonl  # noqa: E402
 
 RESULT_FILE = "result.json"
 
@@ -74,13 +77,19 @@ def epsilons(noise_multiplier: float, rounds: int, delta: float) -> dict[str, fl
 
 
 def run_report(folder: Path, delta: float) -> dict:
-    """What ``report`` prints about one run folder of a ``camfed experiment`` grid."""
-    result = json.loads((folder / RESULT_FILE).read_text())
+    """What ``report`` prints about one run folder (``runs/<method>/seed-<s>``) of a ``camfed experiment`` grid;
+    ``status`` is ``finished`` (``result.json``) or ``stopped``, whose ``mAP`` is its last evaluation's or None."""
+    finished = (folder / RESULT_FILE).is_file()
+    evaluations = read_jsonl(folder / METRICS_FILE) if (folder / METRICS_FILE).is_file() else []
+    result = json.loads((folder / RESULT_FILE).read_text()) if finished else {
+        "method": folder.parent.name, "seed": int(folder.name.removeprefix("seed-")),
+        "mAP": evaluations[-1]["mAP"] if evaluations else None}
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    rounds = read_jsonl(folder / ROUNDS_FILE)
+    rounds = read_jsonl(folder / ROUNDS_FILE) if (folder / ROUNDS_FILE).is_file() else []
     clip, sigma = float(config.get("dp-clip-norm", 0.0)), float(config.get("dp-noise-multiplier", 0.0))
     entry = {"method": result["method"], "seed": result["seed"], "mAP": result["mAP"], "clip_norm": clip,
-             "noise_multiplier": sigma, "rounds": len(rounds)}
+             "noise_multiplier": sigma, "rounds": len(rounds), "status": "finished" if finished else "stopped",
+             "evaluated_rounds": [e["round"] for e in evaluations]}
     medians = [r["update_norm_median"] for r in rounds if "update_norm_median" in r]
     if medians:
         entry["update_norm_median"] = statistics.median(medians)
@@ -103,12 +112,14 @@ def report_markdown(entries: list[dict], delta: float) -> str:
     def cell(entry: dict, key: str, form: str) -> str:
         return format(entry[key], form) if key in entry else ""
 
-    lines = [f"| method | seed | mAP | C | σ | update norm median / max (pre-clip) | share clipped | σ·√d | "
-             f"ε add/remove (δ = {delta:g}) | ε replace |", "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    lines = [f"| method | seed | status (rounds) | mAP | C | σ | update norm median / max (pre-clip) | share clipped | "
+             f"σ·√d | ε add/remove (δ = {delta:g}) | ε replace |",
+             "|---|---:|---|---:|---:|---:|---|---:|---:|---:|---:|"]
     for e in entries:
         norms = f"{cell(e, 'update_norm_median', '.3g')} / {cell(e, 'update_norm_max', '.3g')}" \
             if "update_norm_median" in e else ""
-        lines.append(f"| {e['method']} | {e['seed']} | {100 * e['mAP']:.2f} | {e['clip_norm']:g} | "
+        score = "" if e["mAP"] is None else f"{100 * e['mAP']:.2f}"
+        lines.append(f"| {e['method']} | {e['seed']} | {e['status']} ({e['rounds']}) | {score} | {e['clip_norm']:g} | "
                      f"{e['noise_multiplier']:g} | {norms} | {cell(e, 'clipped_fraction', '.2f')} | "
                      f"{cell(e, 'noise_norm_over_clip', '.0f')} | {cell(e, 'epsilon_add_remove', '.1f')} | "
                      f"{cell(e, 'epsilon_replace', '.1f')} |")
@@ -139,7 +150,7 @@ def main() -> None:
             eps = epsilons(sigma, args.rounds, args.delta)
             print(f"| {sigma:g} | {args.rounds} | {eps['epsilon_add_remove']:.2f} | {eps['epsilon_replace']:.2f} |")
     else:
-        folders = sorted(p.parent for p in args.out.glob(f"runs/*/seed-*/{RESULT_FILE}"))
+        folders = sorted(p.parent for p in args.out.glob(f"runs/*/seed-*/{ROUNDS_FILE}"))
         print(report_markdown([run_report(f, args.delta) for f in folders], args.delta), end="")
 
 

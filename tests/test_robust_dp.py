@@ -181,11 +181,15 @@ def test_bench_dp_clip_norm_from_a_run_and_report(tmp_path, tiny_config):
         bench.clip_norm_from_run(run)  # not finished yet
     with pytest.raises(TimeoutError):
         bench.wait_for(run / "result.json", 0.01, poll=0.005)
+    (run / "config.json").write_text(json.dumps({"dp-clip-norm": 1.2, "dp-noise-multiplier": 1.0}))
+    stopped = bench.run_report(run, 1e-5)  # e.g. its features overflowed before the first evaluation
+    assert (stopped["status"], stopped["mAP"], stopped["rounds"], stopped["method"]) == ("stopped", None, 3, "dp-1.0")
+    assert "| dp-1.0 | 0 | stopped (3) |  | 1.2 | 1 |" in bench.report_markdown([stopped], 1e-5)
     (run / "result.json").write_text(json.dumps({"method": "dp-1.0", "seed": 0, "mAP": 0.05}))
     assert bench.clip_norm_from_run(run) == 1.2  # median of 1.234, 0.5, 2.0, to 2 significant digits
-    (run / "config.json").write_text(json.dumps({"dp-clip-norm": 1.2, "dp-noise-multiplier": 1.0}))
     entry = bench.run_report(run, 1e-5)
     assert entry["clipped_fraction"] == 0.5 and entry["update_norm_max"] == 4.0 and entry["rounds"] == 3
     assert entry["epsilon_add_remove"] == pytest.approx(gaussian_epsilon(1.0, 3, 1e-5))
     assert entry["epsilon_replace"] > entry["epsilon_add_remove"]
-    assert "| dp-1.0 | 0 | 5.00 | 1.2 | 1 | 1.23 / 4 | 0.50 |" in bench.report_markdown([entry], 1e-5)
+    assert entry["status"] == "finished"
+    assert "| dp-1.0 | 0 | finished (3) | 5.00 | 1.2 | 1 | 1.23 / 4 | 0.50 |" in bench.report_markdown([entry], 1e-5)
