@@ -1,8 +1,10 @@
 """Clustering toolkit for unsupervised ReID: pseudo-labels from features, and their quality.
 
 - :func:`jaccard_distance`: k-reciprocal Jaccard distance (Zhong et al.; the form clustering-based unsupervised
-  ReID uses) as a sparse matrix, built on the sparse machinery of ``common.postprocess`` — never N×N dense;
-- :func:`dbscan`: DBSCAN on such a sparse precomputed distance (scikit-learn);
+  ReID uses) as a sparse matrix, built on the sparse machinery of ``common.postprocess`` — never N×N dense
+  except for a small set (N <= ``DENSE_MAX``, e.g. one identity's images), where dense arrays are faster;
+- :func:`dbscan`: DBSCAN on such a sparse precomputed distance (connected components of the core points when
+  the neighbour relation is symmetric, else scikit-learn);
 - :func:`infomap_clusters`: Infomap on a directed kNN graph of cosine similarities (the ``infomap`` package),
   with a density score per point (used to pick high-density pivots);
 - :func:`cluster_stats`, :func:`cluster_quality`, :func:`centroids`: counts, pairwise precision / recall /
@@ -20,21 +22,36 @@ import scipy.sparse
 import torch
 import torch.nn.functional as F
 
-from common.postprocess import ReciprocalOverlap, _exact_knn, _features, knn, reciprocal_encoding
+from common.postprocess import (
+    ReciprocalOverlap,
+    _exact_knn,
+    _features,
+    dense_overlaps,
+    dense_reciprocal_encoding,
+    knn,
+    reciprocal_encoding,
+)
 
 OUTLIER = -1
+DENSE_MAX = 64  # jaccard_distance of at most this many features runs on dense (N, N) arrays (one identity's images)
 
 
 def jaccard_distance(features: torch.Tensor, k1: int = 15, k2: int = 4, max_distance: float = 1.0,
-                     chunk_size: int = 1024) -> scipy.sparse.csr_matrix:
+                     chunk_size: int = 1024, dense: bool | None = None) -> scipy.sparse.csr_matrix:
     """Sparse k-reciprocal Jaccard distance (N, N) float32 between L2-normalised rows of ``features`` (N, D).
 
     As in clustering-based unsupervised ReID: d(i, j) = |x_i − x_j|² = 2 − 2 cos on normalised features;
     V[i] = exp(−d(i, ·)) over i's expanded k1-reciprocal set, normalised (no division by the row's farthest
-    distance, unlike test-time re-ranking), averaged over the k2 nearest rows; distance
+    distance, unlike test-time re-ranking), averaged over the k2 nearest rows; distance (unitless, in [0, 1])
     1 − s/(2 − s) with s(i, j) = Σ_k min(V[i, k], V[j, k]), clamped to [0, 1].  Only pairs with distance
     < ``max_distance`` (<= 1) are stored: a missing entry means distance >= ``max_distance`` (1 when s = 0).
     The diagonal is stored (distance 0).  Memory: the sparse V and one (chunk, N) float32 block.
+
+    ``dense`` (default: N <= ``DENSE_MAX``) holds V and s as dense (N, N) float32 arrays instead
+    (``common.postprocess.dense_reciprocal_encoding``, ``dense_overlaps``): the same float32 operations in the
+    same order, so bitwise the same distances (on the CPU).  It skips the sparse kernels' fixed costs, which
+    dominate for a few dozen features (17 features: 1.8 instead of 2.2 ms on one thread of the development CPU);
+    its sums cost O(N²·W), W = the largest expanded set, so beyond ~100 features the sparse path is faster.
     """
     x = F.normalize(_features("features", features), dim=1)
     n = len(x)
@@ -42,30 +59,78 @@ def jaccard_distance(features: torch.Tensor, k1: int = 15, k2: int = 4, max_dist
         raise ValueError(f"jaccard_distance: k1={k1}, k2={k2} need k1, k2 >= 1 and max(k1 + 1, k2) <= {n} features")
     sq = (x * x).sum(1)
     _, nearest, _ = _exact_knn(x, sq, max(k1 + 1, k2), exclude_self=False)
-    overlap = ReciprocalOverlap(reciprocal_encoding(x, sq, nearest, k1, k2, torch.ones_like(sq), chunk_size), n, 0)
+    if n <= DENSE_MAX if dense is None else dense:
+        v, order = dense_reciprocal_encoding(x, sq, nearest, k1, k2, torch.ones_like(sq), chunk_size)
+        blocks = iter([(torch.arange(n), dense_overlaps(v, order))])
+    else:
+        overlap = ReciprocalOverlap(reciprocal_encoding(x, sq, nearest, k1, k2, torch.ones_like(sq), chunk_size),
+                                    n, 0)
+        blocks = ((rows, overlap.sums(rows)) for rows in overlap.row_chunks(max_rows=max(1, min(chunk_size,
+                                                                                                   2**26 // n))))
     rows_out, cols_out, vals_out = [], [], []
-    for rows in overlap.row_chunks(max_rows=max(1, min(chunk_size, 2**26 // n))):
-        s = overlap.sums(rows)
+    for rows, s in blocks:
         dist = (2.0 - 2.0 * s).div_(2.0 - s).clamp_(0.0, 1.0)
         local, col = torch.nonzero((s > 0) & (dist < max_distance), as_tuple=True)
         rows_out.append((local + rows[0]).to("cpu", torch.int32))  # int32: half the memory of int64 indices
         cols_out.append(col.to("cpu", torch.int32))
         vals_out.append(dist[local, col].cpu())
     row, col, val = torch.cat(rows_out).numpy(), torch.cat(cols_out).numpy(), torch.cat(vals_out).numpy()
-    return scipy.sparse.csr_matrix((val, (row, col)), shape=(n, n), dtype=np.float32)
+    return _csr(n, row, col, val)
+
+
+def _csr(n: int, row: np.ndarray, col: np.ndarray, val: np.ndarray) -> scipy.sparse.csr_matrix:
+    """(n, n) CSR matrix of the entries (E,) row, col, val, sorted by row: built directly, without scipy's
+    conversion from coordinates (~0.1 ms, a good part of the cost of a small set)."""
+    indptr = np.concatenate([np.zeros(1, dtype=np.int64), np.cumsum(np.bincount(row, minlength=n))])
+    return scipy.sparse.csr_matrix((val, col, indptr), shape=(n, n))
 
 
 def dbscan(distance: scipy.sparse.spmatrix, eps: float, min_samples: int) -> np.ndarray:
-    """DBSCAN labels (N,) int64 on a sparse precomputed distance; pairs not stored are never neighbours.
+    """DBSCAN labels (N,) int64 on a sparse precomputed distance (N, N); pairs not stored are never neighbours.
 
-    A point is a core point when at least ``min_samples`` points (itself included) lie within ``eps``.
+    A point is a core point when at least ``min_samples`` points (itself included) lie within ``eps`` (a
+    distance <= eps; an absent diagonal entry counts as distance 0).  When that neighbour relation is symmetric
+    (as on ``jaccard_distance``'s output, up to float32 ties at eps), the labels are computed here in a few
+    array operations, the ones scikit-learn's DBSCAN gives: clusters are the connected components of the core
+    points, numbered by smallest member; a non-core point within eps of core points joins the lowest-numbered of
+    their clusters; the other points are outliers (−1).  With min_samples = 1 every point within eps of itself is
+    a core point and the clusters are the connected components.  Otherwise scikit-learn's DBSCAN runs.
     """
-    from sklearn.cluster import DBSCAN
-
     if not 0.0 < eps < 1.0:
         raise ValueError(f"dbscan: eps={eps} must be in (0, 1) for a Jaccard distance")
     graph = scipy.sparse.csr_matrix(distance)
-    return DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph).astype(np.int64)
+    n = graph.shape[0]
+    row = np.repeat(np.arange(n), np.diff(graph.indptr))
+    near, diagonal = graph.data <= eps, row == graph.indices
+    own = np.ones(n, dtype=bool)  # i is its own neighbour unless a stored diagonal entry exceeds eps
+    own[row[diagonal]] = near[diagonal]
+    edge = near & ~diagonal
+    src, dst = row[edge], graph.indices[edge].astype(np.int64)
+    if min_samples < 1 or not np.array_equal(np.sort(src * n + dst), np.sort(dst * n + src)):
+        from sklearn.cluster import DBSCAN
+
+        return DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(graph).astype(np.int64)
+    return _dbscan_symmetric(n, src, dst, np.bincount(src, minlength=n) + own >= min_samples)
+
+
+def _dbscan_symmetric(n: int, src: np.ndarray, dst: np.ndarray, core: np.ndarray) -> np.ndarray:
+    """DBSCAN labels (n,) int64 from the symmetric neighbour pairs src → dst (E,) (i ≠ j; sorted by src) and
+    ``core`` (n,) bool."""
+    from scipy.sparse.csgraph import connected_components
+
+    labels = np.full(n, OUTLIER, dtype=np.int64)
+    if not core.any():
+        return labels
+    both = core[src] & core[dst]
+    components = connected_components(_csr(n, src[both], dst[both], np.ones(int(both.sum()))), directed=False)[1]
+    labels[core] = relabel(components[core])
+    border = ~core[src] & core[dst]  # a non-core point next to a core point: the lowest such cluster
+    if border.any():
+        point, cluster = src[border], labels[dst[border]]
+        order = np.lexsort((cluster, point))
+        points, first = np.unique(point[order], return_index=True)
+        labels[points] = cluster[order][first]
+    return labels
 
 
 @dataclass

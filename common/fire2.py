@@ -32,7 +32,7 @@ from common.config import Config, ConfigError
 from common.data.loading import test_loader
 from common.data.records import ImageRecord
 from common.engine import Batch, EpochPlan, Objective, make_optimizer, reid_objective, set_lr
-from common.evaluation import extract_features
+from common.evaluation import _one_cpu_thread, extract_features
 from common.losses import cross_entropy_smooth
 from common.models.fire2 import FineGrainedClassifier, FIRe2Model
 
@@ -60,7 +60,10 @@ def cluster_identity(features: torch.Tensor, k1: int, k2: int, eps: float, min_s
     """Fine clusters (n,) int64, 0..C−1 numbered by first member, of one identity's normalised features (n, D).
 
     Jaccard distance with k1 ≤ n − 1 and k2 ≤ n (an identity may have fewer images than k1), DBSCAN on it; each
-    DBSCAN outlier becomes a cluster of its own.  One image is one cluster."""
+    DBSCAN outlier becomes a cluster of its own.  One image is one cluster.  An identity of up to
+    ``common.clustering.DENSE_MAX`` (64) images takes ``jaccard_distance``'s dense path, and ``dbscan`` runs as
+    connected components (~3 ms for 17 images on one thread of the development CPU), with the labels of the
+    sparse path and scikit-learn's DBSCAN."""
     n = len(features)
     if n == 1:
         return np.zeros(1, dtype=np.int64)
@@ -73,17 +76,22 @@ def cluster_identity(features: torch.Tensor, k1: int, k2: int, eps: float, min_s
 def mine_fine_ids(features: torch.Tensor, identities: np.ndarray, config: Config) -> FineGrainedIds:
     """FFM's clustering of features (N, D) (normalised here) by identity labels (N,) int: each identity's images
     are clustered alone (``cluster_identity`` with ``fire2-k1``, ``fire2-k2``, ``fire2-eps``,
-    ``fire2-min-samples``), so no fine id holds two identities."""
+    ``fire2-min-samples``), so no fine id holds two identities.
+
+    The per-identity loop runs on one CPU thread: its calls are a few milliseconds of small operations each, and
+    with two threads on cores shared with other processes every parallel region stalls (benchmarks/RESULTS.md,
+    FIRe²: 7–9× the CPU time)."""
     features = F.normalize(features.float(), dim=1)
     identities = np.asarray(identities, dtype=np.int64)
     fine_ids = np.empty(len(identities), dtype=np.int64)
     owner: list[int] = []
-    for identity in np.unique(identities):
-        rows = np.flatnonzero(identities == identity)
-        local = cluster_identity(features[rows], config.fire2_k1, config.fire2_k2, config.fire2_eps,
-                                 config.fire2_min_samples)
-        fine_ids[rows] = local + len(owner)
-        owner.extend([int(identity)] * (int(local.max()) + 1))
+    with _one_cpu_thread(features.device):
+        for identity in np.unique(identities):
+            rows = np.flatnonzero(identities == identity)
+            local = cluster_identity(features[rows], config.fire2_k1, config.fire2_k2, config.fire2_eps,
+                                     config.fire2_min_samples)
+            fine_ids[rows] = local + len(owner)
+            owner.extend([int(identity)] * (int(local.max()) + 1))
     return FineGrainedIds(torch.from_numpy(fine_ids), torch.tensor(owner, dtype=torch.int64),
                           centroids(features, fine_ids))
 

@@ -1,7 +1,8 @@
 """Test-time feature post-processing: flip averaging, NFC, IPG aggregation, ID², k-reciprocal re-ranking.
 
 Everything runs in torch on the features' device and is chunked so that MSMT17-size sets
-(11,659 query + 82,161 gallery, 2048-d) fit in a few GiB: no N×N matrix is ever built.
+(11,659 query + 82,161 gallery, 2048-d) fit in a few GiB: no N×N matrix is ever built, except by
+:func:`dense_reciprocal_encoding` / :func:`dense_overlaps`, the clustering toolkit's path for a small set.
 
 Methods: NFC, IPG aggregation and ID² from Yuan et al., *From Poses to Identity: Training-Free Person
 Re-Identification via Feature Centralization* (Pose2ID), CVPR 2025, https://arxiv.org/abs/2503.00938;
@@ -430,16 +431,23 @@ def _pair_dots(x: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> torch.T
         return torch.sparse.sampled_addmm(_csr(crow, col, x.new_zeros(len(col)), len(x)), x, x.T, beta=0.0).values()
 
 
-def _weights(x, sq, scale, top, half, chunk_size) -> torch.Tensor:
-    """Sparse CSR V (N, N): V[i, j] = exp(−d(i,j)/scale_i) over i's expanded set, normalised per row."""
+def _weight_pairs(x, sq, scale, top, half, chunk_size) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """V's entries as pairs sorted by row, then column: row, col (P,) int64 and V[row, col] (P,) float32 =
+    exp(−d(i,j)/scale_i) over i's expanded set, normalised per row."""
     n, half_rec = len(x), _reciprocal(half, chunk_size)
     pairs = [_expanded_sets(top, half, half_rec, torch.arange(s, min(s + chunk_size, n), device=x.device))
              for s in range(0, n, chunk_size)]
     row, col = (torch.cat(p) for p in zip(*pairs))
     w = torch.exp(-(_take(sq, row) + _take(sq, col) - 2 * _pair_dots(x, row, col)) / _take(scale, row))
     total = torch.zeros_like(sq).index_add_(0, row, w)
-    crow = torch.cat([row.new_zeros(1), torch.cumsum(torch.bincount(row, minlength=n), 0)])
-    return _csr(crow, col, w / _take(total, row), n)
+    return row, col, w / _take(total, row)
+
+
+def _weights(x, sq, scale, top, half, chunk_size) -> torch.Tensor:
+    """Sparse CSR V (N, N): V[i, j] = exp(−d(i,j)/scale_i) over i's expanded set, normalised per row."""
+    row, col, val = _weight_pairs(x, sq, scale, top, half, chunk_size)
+    crow = torch.cat([row.new_zeros(1), torch.cumsum(torch.bincount(row, minlength=len(x)), 0)])
+    return _csr(crow, col, val, len(x))
 
 
 def _query_expand(v: torch.Tensor, near: torch.Tensor) -> torch.Tensor:
@@ -459,9 +467,55 @@ def reciprocal_encoding(x: torch.Tensor, sq: torch.Tensor, nearest: torch.Tensor
     the point itself; V[i, j] = exp(−d(i, j)/scale_i) over i's expanded k-reciprocal set (:func:`_expanded_sets`),
     normalised per row, then (k2 > 1) averaged over the k2 nearest rows (query expansion).
     """
-    top, half = nearest[:, :k1 + 1].contiguous(), nearest[:, :round(k1 / 2) + 1].contiguous()
-    v = _weights(x, sq, scale, top, half, chunk_size)
+    v = _weights(x, sq, scale, *_reciprocal_lists(nearest, k1), chunk_size)
     return _query_expand(v, nearest[:, :k2].contiguous()) if k2 != 1 else v
+
+
+def _reciprocal_lists(nearest: torch.Tensor, k1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k1 + 1 and round(k1 / 2) + 1 nearest (self included) of each row of ``nearest`` (N, >= k1 + 1)."""
+    return nearest[:, :k1 + 1].contiguous(), nearest[:, :round(k1 / 2) + 1].contiguous()
+
+
+def dense_reciprocal_encoding(x: torch.Tensor, sq: torch.Tensor, nearest: torch.Tensor, k1: int, k2: int,
+                              scale: torch.Tensor, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`reciprocal_encoding` as a dense (N, N) float32 tensor ``v``, bitwise equal to it on the CPU, for
+    small N (the sum orders below are those of torch's CPU kernels).
+
+    Same arguments.  Also returns ``order`` (N, W) int64, W = the most entries a row of the sparse V has: each row's
+    columns in the order its sparse row stores them (columns of zeros pad the end), the order in which
+    :class:`ReciprocalOverlap` adds a row's terms, so that :func:`dense_overlaps` adds them alike.  Without
+    query expansion (k2 = 1) that is ascending; the sparse product A @ V that expands queries stores a row's
+    columns in order of first appearance over the k2 rows it averages (ascending row order, each row's columns
+    ascending) and sums each entry in that row order, which the dense expansion repeats.
+    """
+    n, columns = len(x), torch.arange(len(x), device=x.device)
+    row, col, val = _weight_pairs(x, sq, scale, *_reciprocal_lists(nearest, k1), chunk_size)
+    v = x.new_zeros(n, n).index_put_((row, col), val)
+    absent = n * k2  # sorts after every first-appearance key t·n + column
+    if k2 == 1:
+        key = torch.full((n, n), absent, device=x.device).index_put_((row, col), col)
+    else:
+        near = nearest[:, :k2].sort(dim=1).values
+        terms = (_take(v, near) * x.new_tensor(1.0 / k2)).numpy(force=True)  # (N, k2, N): the product's terms
+        expanded = terms[:, 0].copy()
+        for t in range(1, k2):  # summed one row after the other, as the sparse product does
+            expanded += terms[:, t]
+        key = torch.where(_take(v, near) > 0, torch.arange(0, absent, n, device=x.device)[:, None] + columns,
+                          absent).amin(1)
+        v = torch.from_numpy(expanded).to(x.device)
+    width = int((key < absent).sum(1).max())
+    return v, key.argsort(dim=1)[:, :width]
+
+
+def dense_overlaps(v: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """s (N, N) float32, s[i, j] = Σ_k min(v[i, k], v[j, k]) for a dense encoding and ``order`` (N, W) from
+    :func:`dense_reciprocal_encoding`; row i's terms are added one by one in ``order[i]``, so s equals
+    :meth:`ReciprocalOverlap.sums` bitwise.  Memory: the (N, W, N) float32 terms (N = 64: at most 1 MiB)."""
+    terms = torch.minimum(v.gather(1, order).unsqueeze(2), _take(v.T.contiguous(), order)).numpy(force=True)
+    s = np.zeros((len(v), len(v)), dtype=np.float32)
+    for position in range(order.shape[1]):
+        s += terms[:, position]
+    return torch.from_numpy(s).to(v.device)
 
 
 class ReciprocalOverlap:

@@ -61,17 +61,66 @@ def purity(labels, truth):
     return np.mean([majority[c] == t for c, t in zip(labels[kept], truth[kept])])
 
 
+@pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("k1,k2,seed", [(6, 3, 0), (10, 1, 1), (4, 6, 2)])
-def test_sparse_jaccard_equals_the_dense_reference(k1, k2, seed):
+def test_sparse_jaccard_equals_the_dense_reference(k1, k2, seed, dense):
     features, _ = blobs([12, 9, 15, 7], dim=16, spread=0.6, seed=seed)
     expected = dense_jaccard_reference(features.double().numpy(), k1, k2)
-    sparse = jaccard_distance(features, k1=k1, k2=k2)
+    sparse = jaccard_distance(features, k1=k1, k2=k2, dense=dense)
     got = np.ones_like(expected)
     coo = sparse.tocoo()
     got[coo.row, coo.col] = coo.data
     np.testing.assert_allclose(got, expected, atol=2e-5)
     assert np.allclose(sparse.diagonal(), 0.0, atol=1e-6)
     assert sparse.nnz < expected.size  # not a dense matrix in disguise
+
+
+def _groups(sizes, seed):
+    """One random set (n, 24) per size, 1–3 looks each with a random spread: a FIRe² identity's images."""
+    rng = np.random.default_rng(seed)
+    for n in sizes:
+        looks = rng.normal(size=(rng.integers(1, 4), 24))
+        yield torch.tensor(looks[rng.integers(0, len(looks), n)] + rng.uniform(0.05, 1.0) * rng.normal(size=(n, 24)),
+                           dtype=torch.float32)
+
+
+@pytest.mark.parametrize("k1,k2", [(20, 6), (8, 3), (15, 4), (5, 1), (1, 2)])
+def test_small_sets_dense_jaccard_is_bitwise_the_sparse_one(k1, k2):
+    """The dense path (small N) adds the same float32 terms in the same order: identical matrices, which keeps
+    DBSCAN's labels identical even where a distance is exactly eps in exact arithmetic."""
+    sizes = [2, 3, 4, 5, 7, 9, 13, 17, 21, 22, 40, 64, 97]
+    for seed in range(3):
+        for features in _groups(sizes, seed):
+            n = len(features)  # k1, k2 clamped as FIRe² does: n < k1 for the small sets
+            a1, a2 = min(k1, n - 1), min(k2, n)
+            sparse = jaccard_distance(features, a1, a2, dense=False)
+            dense = jaccard_distance(features, a1, a2, dense=True)
+            assert dense.dtype == sparse.dtype == np.float32 and dense.shape == sparse.shape == (n, n)
+            for name in ("indptr", "indices", "data"):
+                np.testing.assert_array_equal(getattr(dense, name), getattr(sparse, name), err_msg=f"n={n} {name}")
+            assert dense.indices.dtype == sparse.indices.dtype
+    pruned = jaccard_distance(features, k1=min(k1, 96), k2=k2, max_distance=0.6, dense=True)
+    full = jaccard_distance(features, k1=min(k1, 96), k2=k2, max_distance=0.6, dense=False)
+    assert (pruned != full).nnz == 0 and pruned.data.max() < 0.6
+
+
+def test_jaccard_of_one_feature_is_refused_by_both_paths():
+    for dense in (False, True):
+        with pytest.raises(ValueError, match="k1"):
+            jaccard_distance(torch.ones(1, 4), k1=1, k2=1, dense=dense)
+
+
+def test_jaccard_picks_the_dense_path_for_small_sets(monkeypatch):
+    import common.clustering as clustering
+
+    calls = []
+    real = clustering.dense_overlaps
+    monkeypatch.setattr(clustering, "dense_overlaps", lambda *a: calls.append(1) or real(*a))
+    features = next(_groups([clustering.DENSE_MAX + 1], seed=0))
+    jaccard_distance(features[:clustering.DENSE_MAX], k1=20, k2=6)
+    assert calls == [1]
+    jaccard_distance(features, k1=20, k2=6)
+    assert calls == [1]
 
 
 def test_jaccard_max_distance_keeps_only_closer_pairs():
@@ -106,6 +155,39 @@ def test_dbscan_on_sparse_distance_equals_dbscan_on_the_dense_matrix():
     for eps in (0.3, 0.5, 0.7):
         expected = DBSCAN(eps=eps, min_samples=4, metric="precomputed").fit_predict(dense)
         np.testing.assert_array_equal(dbscan(sparse, eps, 4), expected)
+
+
+def _random_distance(n, density, seed, symmetric=True, diagonal="zero"):
+    """A random sparse (n, n) float32 distance with values on a grid (ties at eps included), explicit zeros,
+    and a diagonal that is stored as 0, absent, or stored above eps for some points."""
+    import scipy.sparse
+
+    rng = np.random.default_rng(seed)
+    dense = np.where(rng.random((n, n)) < density, np.round(rng.random((n, n)), 1), np.nan)
+    if symmetric:
+        dense = np.where(np.triu(np.ones((n, n), dtype=bool)), dense, dense.T)
+    if diagonal == "absent":
+        np.fill_diagonal(dense, np.nan)
+    else:
+        np.fill_diagonal(dense, np.where(rng.random(n) < (0.2 if diagonal == "some above eps" else 0.0), 0.9, 0.0))
+    row, col = np.nonzero(~np.isnan(dense))
+    return scipy.sparse.csr_matrix((dense[row, col].astype(np.float32), (row, col)), shape=(n, n))
+
+
+@pytest.mark.parametrize("diagonal", ["zero", "absent", "some above eps"])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dbscan_equals_scikit_learn_on_random_graphs(symmetric, diagonal):
+    from sklearn.cluster import DBSCAN
+
+    for seed in range(12):
+        for n, density in ((1, 1.0), (5, 0.5), (30, 0.1), (200, 0.02)):
+            distance = _random_distance(n, density, seed, symmetric, diagonal)
+            for eps in (0.3, 0.5):
+                for min_samples in (1, 2, 3, 5):
+                    expected = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(distance)
+                    got = dbscan(distance, eps, min_samples)
+                    assert got.dtype == np.int64
+                    np.testing.assert_array_equal(got, expected, err_msg=f"seed {seed} n {n} eps {eps} m {min_samples}")
 
 
 def test_dbscan_rejects_an_eps_outside_the_jaccard_range():

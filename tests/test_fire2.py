@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from common.config import ConfigError, load_config
+from common.config import Config, ConfigError, load_config
 from common.data.loading import load_dataset
 from common.data.partition import partition_by_camera
 from common.engine import resolve_device
@@ -48,6 +48,63 @@ def test_dbscan_outliers_become_fine_ids_of_their_own(tiny_run_config):
     features = torch.cat([_two_looks(eye[0], eye[0], per_look=2), eye[5:6], eye[6:7]])  # a look of 4, two loners
     fine = mine_fine_ids(features, np.zeros(6, dtype=np.int64), config)
     assert fine.fine_ids.tolist() == [0, 0, 0, 0, 1, 2]
+
+
+def _looks_per_identity(sizes, seed, dim=16):
+    """Random features (N, dim) and identity labels (N,): identity g has sizes[g] images drawn around 1–4 random
+    looks with a random spread each, so its Jaccard distances fall on both sides of eps (several fine ids, some
+    DBSCAN outliers when min_samples > 1)."""
+    rng = np.random.default_rng(seed)
+    rows, identities = [], []
+    for identity, size in enumerate(sizes):
+        looks = rng.normal(size=(rng.integers(1, 5), dim))
+        pick = rng.integers(0, len(looks), size=size)
+        rows.append(looks[pick] + rng.uniform(0.1, 1.0) * rng.normal(size=(size, dim)))
+        identities += [identity * 3 + 1] * size  # identity labels need not be 0..G−1
+    order = rng.permutation(sum(sizes))  # an identity's images are not contiguous
+    return torch.tensor(np.concatenate(rows)[order], dtype=torch.float32), np.array(identities)[order]
+
+
+def _fine_ids_by_sklearn(features, identities, k1, k2, eps, min_samples):
+    """``mine_fine_ids``' labels as first written: per identity, the sparse ``jaccard_distance`` and scikit-learn's
+    DBSCAN, each outlier a cluster of its own, fine ids numbered by identity, then by first member.  (Since then
+    small sets take the dense Jaccard path and DBSCAN runs as connected components where it can.)"""
+    from sklearn.cluster import DBSCAN
+
+    from common.clustering import jaccard_distance, relabel
+
+    x = F.normalize(features, dim=1)
+    fine_ids, count = np.empty(len(identities), dtype=np.int64), 0
+    for identity in np.unique(identities):
+        rows = np.flatnonzero(identities == identity)
+        n = len(rows)
+        labels = np.zeros(1, dtype=np.int64)
+        if n > 1:
+            distance = jaccard_distance(x[rows], min(k1, n - 1), min(k2, n), dense=False)
+            labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed").fit_predict(distance)
+            labels[labels == -1] = labels.max() + 1 + np.arange((labels == -1).sum())
+        labels = relabel(labels)
+        fine_ids[rows] = labels + count
+        count += labels.max() + 1
+    return fine_ids
+
+
+# (8, 3, 0.5): distances of exactly 0.5 in exact arithmetic are common there (query-expanded rows of thirds), so
+# the labels match only because the dense and sparse paths give bitwise the same float32 distances
+@pytest.mark.parametrize("k1,k2,eps,min_samples,seed", [(20, 6, 0.4, 1, 0), (20, 6, 0.4, 1, 1), (8, 3, 0.5, 1, 2),
+                                                        (20, 6, 0.3, 2, 3), (5, 1, 0.6, 3, 4)])
+def test_fine_ids_equal_the_sparse_jaccard_and_sklearn_dbscan_path(k1, k2, eps, min_samples, seed):
+    sizes = [1, 2, 3, 5, 7, 12, 17, 21, 22, 35, 60, 90] + list(np.random.default_rng(seed).integers(1, 70, size=20))
+    features, identities = _looks_per_identity(sizes, seed)
+    config = Config(fire2_k1=k1, fire2_k2=k2, fire2_eps=eps, fire2_min_samples=min_samples)
+    threads = torch.get_num_threads()
+    fine = mine_fine_ids(features, identities, config)
+    assert torch.get_num_threads() == threads  # the per-identity loop's one thread is restored
+    expected = _fine_ids_by_sklearn(features, identities, k1, k2, eps, min_samples)
+    np.testing.assert_array_equal(fine.fine_ids.numpy(), expected)
+    assert fine.count > 2 * len(sizes)  # the data gives several fine ids per identity, not one each
+    first = [np.flatnonzero(expected == f)[0] for f in range(fine.count)]
+    np.testing.assert_array_equal(fine.owner.numpy(), identities[first])
 
 
 def test_cosine_classifier_starts_at_the_cluster_centres(tiny_config):
