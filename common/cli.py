@@ -106,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=_cmd_synth)
 
     dev = sub.add_parser("split-dev", help="make a Market-style train/query/gallery split of the dev tar")
-    dev.add_argument("--tar", default="../shared/data/market1501-train-dev.tar")
+    dev.add_argument("--tar", default="../shared/data/market1501-train-dev.tar",
+                     help="tar of Market-1501 crops under bounding_box_train/ (README: the dev Market split)")
     dev.add_argument("--out", required=True)
     dev.add_argument("--seed", type=int, default=0)
     dev.add_argument("--test-fraction", type=float, default=0.5, help="share of identities in query/gallery")
