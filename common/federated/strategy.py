@@ -51,7 +51,7 @@ WEIGHT_KEY = "num-examples"
 NORM_KEY, CLIPPED_KEY = "update-norm", "update-clipped"  # a camera's pre-clip update norm, 1.0 if it was clipped
 
 # Codes of Flower's ``Error`` (``flwr.common.constant.ErrorCode``, which flwr does not export publicly; the
-# values are pinned by tests/test_federation.py) that mean the app itself failed on the node: the same
+# values are pinned by tests/test_faults.py) that mean the app itself failed on the node: the same
 # message would fail again.  Every other code (node unavailable, ClientApp crashed, reply unavailable,
 # unknown) is treated as transient.
 APP_FAILURE_CODES = {1: "the ClientApp could not be loaded", 2: "the ClientApp raised an exception",
