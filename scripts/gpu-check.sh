@@ -9,9 +9,11 @@
 # 124 = the 8-minute limit ran out (the lines printed so far are in gpu-check.jsonl); other = an error.
 #
 # Wheels: the GPU machine has torch, numpy, scipy, scikit-learn, matplotlib, pillow, tqdm, filelock, grpcio,
-# protobuf and typer, but not flwr and a few of its needs.  Build the wheelhouse once, on a machine with
+# protobuf and typer, but not flwr and a few of its needs.  grpcio and protobuf come along anyway, at the versions
+# tested here: the generated code of flwr and grpcio-health-checking refuses older runtimes at import
+# (grpcio >= 1.81.1, protobuf >= 6.33.5 for grpcio-health-checking 1.81.1), and the machine's versions are unknown.  Build the wheelhouse once, on a machine with
 # internet, from the repository root (for a Python 3.12 x86-64 target; change --python-version to match):
-#     bash scripts/gpu-check.sh --build-wheelhouse       # writes .whl/ (about 8 MB; add /.whl/ to .git/info/exclude)
+#     bash scripts/gpu-check.sh --build-wheelhouse       # writes .whl/ (about 16 MB; add /.whl/ to .git/info/exclude)
 # and carry .whl/ to the GPU machine: the check installs it with --no-index --no-deps into /tmp/camfed-site.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,7 @@ PYTHON="${PYTHON:-python3}"
 WHEELS="${CAMFED_WHEELHOUSE:-.whl}"
 # flwr 1.41 and what importing it pulls in beyond that machine's packages (versions as in scripts/setup.sh's venv)
 WHEELHOUSE_SPECS=(flwr==1.41.0 cryptography==50.0.2 cffi==2.1.1 pycparser==3.12 grpcio-health-checking==1.81.1 iterators==0.0.2
-                  pycryptodome==3.24.1)
+                  pycryptodome==3.24.1 grpcio==1.85.3 protobuf==6.33.6)
 
 if [ "${1:-}" = "--build-wheelhouse" ]; then
     mkdir -p "$WHEELS"
