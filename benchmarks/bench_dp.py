@@ -80,12 +80,12 @@ def run_report(folder: Path, delta: float) -> dict:
     """What ``report`` prints about one run folder (``runs/<method>/seed-<s>``) of a ``camfed experiment`` grid;
     ``status`` is ``finished`` (``result.json``) or ``stopped``, whose ``mAP`` is its last evaluation's or None."""
     finished = (folder / RESULT_FILE).is_file()
-    evaluations = read_jsonl(folder / METRICS_FILE) if (folder / METRICS_FILE).is_file() else []
+    evaluations = read_jsonl(folder / METRICS_FILE)
     result = json.loads((folder / RESULT_FILE).read_text()) if finished else {
         "method": folder.parent.name, "seed": int(folder.name.removeprefix("seed-")),
         "mAP": evaluations[-1]["mAP"] if evaluations else None}
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
-    rounds = read_jsonl(folder / ROUNDS_FILE) if (folder / ROUNDS_FILE).is_file() else []
+    rounds = read_jsonl(folder / ROUNDS_FILE)
     clip, sigma = float(config.get("dp-clip-norm", 0.0)), float(config.get("dp-noise-multiplier", 0.0))
     entry = {"method": result["method"], "seed": result["seed"], "mAP": result["mAP"], "clip_norm": clip,
              "noise_multiplier": sigma, "rounds": len(rounds), "status": "finished" if finished else "stopped",

@@ -14,7 +14,7 @@ from client.app import app as client_app
 from common.config import ConfigError, load_config
 from common.federated.aggregation import aggregate, trimmed_count, trimmed_mean
 from common.federated.arrays import arrays_to_state, signature, state_to_arrays
-from common.federated.privacy import privatize
+from common.federated.privacy import private_reply
 from common.federated.server import CHECKPOINT, FederationFailed, run_federation
 from common.federated.strategy import CameraFedAvg
 from common.methods import get_method
@@ -165,24 +165,24 @@ def test_clipping_bounds_the_update_norm_and_leaves_integers(tiny_config):
     received = {"w": torch.zeros(100), "bn.running_var": torch.ones(10), "bn.num_batches_tracked": torch.tensor(0)}
     trained = {"w": torch.full((100,), 0.3), "bn.running_var": torch.full((10,), 1.4),
                "bn.num_batches_tracked": torch.tensor(40)}
-    assert privatize(received, trained, tiny_config) is trained  # dp-clip-norm = 0: off
-    clipped = privatize(received, trained, _dp_config(tiny_config, 0.5, 0.0))
+    assert private_reply(received, trained, tiny_config)[0] is trained  # dp-clip-norm = 0: off
+    clipped = private_reply(received, trained, _dp_config(tiny_config, 0.5, 0.0))[0]
     update = torch.cat([clipped["w"] - received["w"], clipped["bn.running_var"] - received["bn.running_var"]])
     assert update.norm().item() == pytest.approx(0.5, rel=1e-5)  # ‖(3, 0.4·√10…)‖ = 3.03 > 0.5: scaled to 0.5
     assert torch.allclose(update[:100] / update[0], torch.ones(100))  # direction kept
     assert clipped["bn.num_batches_tracked"].item() == 40
-    small = privatize(received, {**trained, "w": torch.full((100,), 0.001), "bn.running_var": torch.ones(10)},
-                      _dp_config(tiny_config, 0.5, 0.0))
+    small = private_reply(received, {**trained, "w": torch.full((100,), 0.001), "bn.running_var": torch.ones(10)},
+                          _dp_config(tiny_config, 0.5, 0.0))[0]
     assert torch.equal(small["w"], torch.full((100,), 0.001))  # within the bound: unchanged
 
 
 def test_noise_has_the_configured_std_and_variances_stay_non_negative(tiny_config):
     received = {"w": torch.zeros(200_000), "bn.running_var": torch.full((1000,), 0.01)}
     config = _dp_config(tiny_config, 0.2, 0.5)  # std 0.1 per coordinate
-    noised = privatize(received, received, config, torch.Generator().manual_seed(0))
+    noised = private_reply(received, received, config, torch.Generator().manual_seed(0))[0]
     assert noised["w"].std().item() == pytest.approx(0.1, rel=0.01) and abs(noised["w"].mean().item()) < 1e-3
     assert noised["bn.running_var"].min().item() == 0.0  # 0.01 + N(0, 0.1²) is often < 0: clamped
-    again = privatize(received, received, config)
-    assert not torch.equal(again["w"], privatize(received, received, config)["w"])  # fresh noise every call
+    again = private_reply(received, received, config)[0]
+    assert not torch.equal(again["w"], private_reply(received, received, config)[0]["w"])  # fresh noise every call
     with pytest.raises(ConfigError, match="dp-noise-multiplier"):
         load_config({"dp-noise-multiplier": 1.0})

@@ -19,7 +19,7 @@ from common.config import ConfigError, load_config
 from common.experiment import mean_interval, parse_methods
 from common.federated.arrays import arrays_to_state, state_to_arrays
 from common.federated.client import inject_fault
-from common.federated.privacy import gaussian_delta, gaussian_epsilon, update_norm, update_report
+from common.federated.privacy import gaussian_delta, gaussian_epsilon, private_reply, update_norm
 from common.federated.server import run_federation
 from common.federated.strategy import update_norm_stats, weighted_metrics
 from common.methods import get_method
@@ -82,12 +82,12 @@ def test_update_report_and_round_statistics(tiny_config):
     received, trained = {"w": torch.zeros(4), "n": torch.tensor(0)}, {"w": torch.tensor([3.0, 4.0, 0, 0]),
                                                                        "n": torch.tensor(9)}
     assert update_norm(received, trained) == 5.0  # integer buffers do not count
-    assert update_report(received, trained, tiny_config) == {"update-norm": 5.0}  # no DP: no clipped flag
+    assert private_reply(received, trained, tiny_config)[1] == {"update-norm": 5.0}  # no DP: no clipped flag
     dp = load_config({**tiny_config.to_run_config(), "dp-clip-norm": 4.0})
-    assert update_report(received, trained, dp) == {"update-norm": 5.0, "update-clipped": 1.0}
-    assert update_report(received, trained, load_config({**dp.to_run_config(), "dp-clip-norm": 6.0}))[
+    assert private_reply(received, trained, dp)[1] == {"update-norm": 5.0, "update-clipped": 1.0}
+    assert private_reply(received, trained, load_config({**dp.to_run_config(), "dp-clip-norm": 6.0}))[1][
         "update-clipped"] == 0.0
-    assert update_report(received, trained, load_config({**dp.to_run_config(), "report-update-norm": False})) == {}
+    assert private_reply(received, trained, load_config({**dp.to_run_config(), "report-update-norm": False}))[1] == {}
     records = [MetricRecord({"update-norm": n, "update-clipped": c, "num-examples": 10, "loss": 1.0})
                for n, c in ((1.0, 0.0), (4.0, 1.0), (2.0, 0.0), (9.0, 1.0))]
     assert update_norm_stats(records) == {"update_norm_median": 3.0, "update_norm_max": 9.0, "clipped_fraction": 0.5}

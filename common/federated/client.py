@@ -26,7 +26,7 @@ from common.config import Config, ConfigError, load_config
 from common.engine import derived_seed, resolve_device
 from common.federated.arrays import StateDict, arrays_to_state, conformity_error, signature, state_to_arrays
 from common.federated.data import camera_partition, load_node_dataset, with_absolute_paths
-from common.federated.privacy import privatize, update_report
+from common.federated.privacy import private_reply
 from common.federated.state import PrivateStateStore, state_dir
 from common.methods import LocalJob, get_method
 
@@ -94,10 +94,10 @@ def train(message: Message, context: Context) -> Message:
         raise RuntimeError(f"method '{config.method}' would upload {sorted(result.upload)}, but declares "
                            f"{sorted(method.upload_keys(config))}; nothing was sent")
     store.save(result.private, run_tag, server_round)
+    shared_out, update_metrics = private_reply(shared_in, result.shared, config)
     metrics = MetricRecord({**{k: float(v) for k, v in result.metrics.items()},
                             "local-seconds": local_seconds, "num-examples": int(result.num_examples),
-                            "camera": int(partition.camid), **update_report(shared_in, result.shared, config)})
-    shared_out = privatize(shared_in, result.shared, config)
+                            "camera": int(partition.camid), **update_metrics})
     shared_out = state_to_arrays(inject_fault(shared_out, config, partition_id, server_round), config.transport_dtype)
     content = RecordDict({ARRAYS: shared_out, METRICS: metrics})
     if result.upload:

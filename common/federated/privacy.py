@@ -20,8 +20,9 @@ add the noise on the server, which must then be trusted; their ``aggregate_train
 reply is an error, undoing the fault tolerance of ``CameraFedAvg``, and size the noise for an unweighted
 mean over a fixed number of cameras, where ``CameraFedAvg`` weights by images and closes rounds at a timeout.
 
-``update_report`` gives the camera's pre-clip update norm (and whether it was clipped) for its reply's metrics
-(``report-update-norm``): a diagnostic for choosing C, sent without noise, so not covered by the guarantee.
+``private_reply`` is what a camera sends: its clipped and noised weights, and its pre-clip update norm (and
+whether it was clipped) for its reply's metrics (``report-update-norm``): a diagnostic for choosing C, sent
+without noise, so not covered by the guarantee.
 ``gaussian_epsilon`` is the accountant: the exact ε of ``releases`` Gaussian releases at a given δ.
 """
 
@@ -37,14 +38,29 @@ from common.config import Config
 StateDict = dict[str, torch.Tensor]
 
 
-def privatize(received: StateDict, trained: StateDict, config: Config,
-              generator: torch.Generator | None = None) -> StateDict:
-    """``trained`` with its update from ``received`` (same keys) clipped to ``dp-clip-norm`` and noised by
-    ``dp-noise-multiplier``; ``trained`` itself when ``dp-clip-norm`` = 0.  ``generator``: for tests only."""
-    if not config.dp_clip_norm:
-        return trained
+def private_reply(received: StateDict, trained: StateDict, config: Config,
+                  generator: torch.Generator | None = None) -> tuple[StateDict, dict[str, float]]:
+    """What a camera sends, from one computation of its update ``trained − received`` (same keys):
+
+    - the weights: ``trained`` with that update clipped to ``dp-clip-norm`` and noised by ``dp-noise-multiplier``;
+      ``trained`` itself when ``dp-clip-norm`` = 0;
+    - the reply metrics about the update before clipping and noise (``report-update-norm``; else {}): see
+      ``_report``.
+
+    ``generator``: for tests only."""
+    if not config.dp_clip_norm and not config.report_update_norm:
+        return trained, {}
     update = _update(received, trained)
     norm = _norm(update)
+    report = _report(norm, config) if config.report_update_norm else {}
+    return (_clip_and_noise(received, trained, update, norm, config, generator) if config.dp_clip_norm
+            else trained), report
+
+
+def _clip_and_noise(received: StateDict, trained: StateDict, update: StateDict, norm: float, config: Config,
+                    generator: torch.Generator | None) -> StateDict:
+    """``received`` + ``update`` (of L2 norm ``norm``) clipped to ``dp-clip-norm``, plus Gaussian noise of std
+    ``dp-noise-multiplier`` · ``dp-clip-norm`` per coordinate, in ``trained``'s dtypes."""
     scale = min(1.0, config.dp_clip_norm / norm) if norm > 0 else 1.0
     std = config.dp_noise_multiplier * config.dp_clip_norm
     if generator is None:
@@ -70,22 +86,18 @@ def _norm(update: StateDict) -> float:
 
 
 def update_norm(received: StateDict, trained: StateDict) -> float:
-    """The L2 norm of the update ``trained − received`` over all floating tensors together (what ``privatize``
+    """The L2 norm of the update ``trained − received`` over all floating tensors together (what ``private_reply``
     clips to ``dp-clip-norm``)."""
     return _norm(_update(received, trained))
 
 
-def update_report(received: StateDict, trained: StateDict, config: Config) -> dict[str, float]:
-    """A camera's reply metrics about its update, before clipping and noise (``report-update-norm``; else {}):
-    ``update-norm``, and with ``dp-clip-norm`` > 0 ``update-clipped`` (1.0 when the norm exceeded it, else 0.0).
+def _report(norm: float, config: Config) -> dict[str, float]:
+    """``update-norm``, and with ``dp-clip-norm`` > 0 ``update-clipped`` (1.0 when the norm exceeded it, else 0.0).
 
     These scalars are sent as they are: with DP on they are not private (outside the (ε, δ) of the weights)."""
-    if not config.report_update_norm:
-        return {}
-    norm = update_norm(received, trained)
     report = {"update-norm": norm}
     if config.dp_clip_norm:
-        report["update-clipped"] = float(norm > config.dp_clip_norm)
+        report["update-clipped"] = float(norm > config.dp_clip_norm)  # exactly when _clip_and_noise scales it
     return report
 
 
